@@ -1,0 +1,1 @@
+"""The agent: runs kernel containers on one host for the gateway."""

@@ -1,0 +1,241 @@
+"""The agent process: configuration, and the control connection it opens to the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from tornado import httpclient, websocket
+from traitlets import Bool, Float, Int, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
+
+from ..common.errors import ApiError
+from ..common.slots import ResourceSlot
+from ..common.wire import AGENT_WS_PATH, AgentRegistration, CreateKernel, KernelReport
+from .backends.base import BackendError
+from .backends.docker import DockerBackend
+from .kernels import KernelRunner
+from .ports import PortPool
+
+log = logging.getLogger(__name__)
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Agent(LoggingConfigurable):
+    """Runs kernels in containers on this host, as ordered by the gateway."""
+
+    gateway_url = Unicode(help="URL of the gateway (env BACKENDAI_GATEWAY_URL).").tag(config=True)
+
+    @default("gateway_url")
+    def _gateway_url_default(self) -> str:
+        return os.environ.get("BACKENDAI_GATEWAY_URL", "http://127.0.0.1:8470")
+
+    agent_token = Unicode(help="Secret shared with the gateway (env BACKENDAI_AGENT_TOKEN).").tag(config=True)
+
+    @default("agent_token")
+    def _agent_token_default(self) -> str:
+        return os.environ.get("BACKENDAI_AGENT_TOKEN", "")
+
+    agent_id = Unicode(help="This agent's name; the host name when empty (env BACKENDAI_AGENT_ID).").tag(
+        config=True
+    )
+
+    @default("agent_id")
+    def _agent_id_default(self) -> str:
+        return os.environ.get("BACKENDAI_AGENT_ID", "") or socket.gethostname()
+
+    advertised_host = Unicode(
+        help="Address clients use to reach kernels on this host (env BACKENDAI_AGENT_HOST)."
+    ).tag(config=True)
+
+    @default("advertised_host")
+    def _advertised_host_default(self) -> str:
+        return os.environ.get("BACKENDAI_AGENT_HOST", "127.0.0.1")
+
+    bind_host = Unicode(
+        help="Host address kernel ports are published on; the advertised host when empty."
+    ).tag(config=True)
+
+    port_range = Unicode("30000-30999", help="Host ports for kernels, as LOW-HIGH.").tag(config=True)
+
+    @validate("port_range")
+    def _valid_port_range(self, proposal: Any) -> str:
+        low, _, high = proposal["value"].partition("-")
+        if not (low.isdigit() and high.isdigit() and 1024 <= int(low) <= int(high) <= 65535):
+            raise ValueError(f"port_range must be LOW-HIGH within 1024-65535, got {proposal['value']!r}")
+        return proposal["value"]
+
+    state_dir = Unicode(help="Where the agent keeps kernel connection files (env BACKENDAI_AGENT_STATE_DIR).").tag(
+        config=True
+    )
+
+    @default("state_dir")
+    def _state_dir_default(self) -> str:
+        if os.environ.get("BACKENDAI_AGENT_STATE_DIR"):
+            return os.environ["BACKENDAI_AGENT_STATE_DIR"]
+        from jupyter_core.paths import jupyter_data_dir
+
+        return str(Path(jupyter_data_dir()) / "backendai" / "agent")
+
+    cpu = Unicode("", help="CPU cores to offer; all of the host's when empty.").tag(config=True)
+    mem = Unicode("", help="Memory to offer (e.g. '8g'); the host's total when empty.").tag(config=True)
+    kernel_user = Unicode("1000:1000", help="uid:gid kernels run as; never root.").tag(config=True)
+
+    @validate("kernel_user")
+    def _not_root(self, proposal: Any) -> str:
+        uid = proposal["value"].split(":")[0]
+        if uid in ("0", "root", ""):
+            raise ValueError("kernels must not run as root")
+        return proposal["value"]
+
+    pids_limit = Int(1024, help="Most processes a kernel container may have.").tag(config=True)
+    ready_timeout = Float(60.0, help="Seconds a new kernel has to answer before it is an error.").tag(
+        config=True
+    )
+    destroy_kernels_on_exit = Bool(
+        False, help="Remove all kernels when the agent stops (otherwise a restarted agent re-adopts them)."
+    ).tag(config=True)
+
+    def capacity(self) -> ResourceSlot:
+        return ResourceSlot.parse(
+            {"cpu": self.cpu or str(os.cpu_count() or 1), "mem": self.mem or _host_memory()}
+        )
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the container engine, re-adopt kernels, then keep a link to the gateway."""
+        low, high = (int(p) for p in self.port_range.split("-"))
+        bind_host = self.bind_host or self.advertised_host
+        Path(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.backend = DockerBackend(self.agent_id, bind_host, self.kernel_user, self.pids_limit)
+        self.runner = KernelRunner(
+            self.backend,
+            PortPool(low, high, bind_host),
+            Path(self.state_dir),
+            self.advertised_host,
+            self.ready_timeout,
+            self._report,
+        )
+        await self.runner.start()
+        self._ws: websocket.WebSocketClientConnection | None = None
+        self._registered = asyncio.Event()
+        self._link_task = asyncio.ensure_future(self._keep_linked())
+
+    async def wait_registered(self, timeout: float = 30.0) -> None:
+        await asyncio.wait_for(self._registered.wait(), timeout)
+
+    async def stop(self) -> None:
+        self._link_task.cancel()
+        if self.destroy_kernels_on_exit:
+            await self.runner.destroy_all()
+        if self._ws is not None:
+            self._ws.close()
+        self.backend.close()
+
+    def _report(self, report: KernelReport) -> None:
+        # While the link is down reports are dropped: registration resends every kernel's state.
+        self._send({"type": "kernel", "report": report.to_json()})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self._ws is not None and self._registered.is_set():
+            try:
+                self._ws.write_message(json.dumps(msg))
+            except websocket.WebSocketClosedError:
+                pass
+
+    async def _keep_linked(self) -> None:
+        delay = 0.2
+        url = self.gateway_url.replace("http", "ws", 1).rstrip("/") + AGENT_WS_PATH
+        while True:
+            try:
+                req = httpclient.HTTPRequest(
+                    url, headers={"Authorization": f"Bearer {self.agent_token}"}, connect_timeout=10
+                )
+                self._ws = await websocket.websocket_connect(req, ping_interval=20)
+                self._ws.stream.set_nodelay(True)
+                delay = 0.2
+                await self._serve(self._ws)
+            except asyncio.CancelledError:
+                raise
+            except httpclient.HTTPClientError as e:
+                if e.code == 401:
+                    log.error("the gateway refused this agent's token; check BACKENDAI_AGENT_TOKEN")
+                else:
+                    log.warning("gateway at %s: %s", self.gateway_url, e)
+            except OSError as e:
+                log.warning("cannot reach the gateway at %s (%s); retrying", self.gateway_url, e)
+            self._registered.clear()
+            self._ws = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _serve(self, ws: websocket.WebSocketClientConnection) -> None:
+        reg = AgentRegistration(
+            agent_id=self.agent_id,
+            address=self.advertised_host,
+            capacity=self.capacity(),
+            images=await self.runner.refresh_images(),
+            kernels=self.runner.snapshot(),
+        )
+        await ws.write_message(json.dumps({"type": "register", "agent": reg.to_json()}))
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            while True:
+                raw = await ws.read_message()
+                if raw is None:
+                    log.warning("lost the link to the gateway; reconnecting")
+                    return
+                msg = json.loads(raw)
+                if msg.get("type") == "registered":
+                    self._registered.set()
+                    interval = float(msg.get("heartbeat_interval", 5.0))
+                    heartbeat = asyncio.ensure_future(self._heartbeat(ws, interval))
+                    log.info("registered with the gateway at %s as %s", self.gateway_url, self.agent_id)
+                elif msg.get("type") == "call":
+                    asyncio.ensure_future(self._answer(ws, msg))
+        finally:
+            if heartbeat:
+                heartbeat.cancel()
+
+    async def _heartbeat(self, ws: websocket.WebSocketClientConnection, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await ws.write_message(json.dumps({"type": "heartbeat"}))
+            except websocket.WebSocketClosedError:
+                return
+
+    async def _answer(self, ws: websocket.WebSocketClientConnection, msg: dict[str, Any]) -> None:
+        method, params = msg.get("method"), msg.get("params") or {}
+        reply: dict[str, Any] = {"type": "reply", "id": msg.get("id")}
+        try:
+            if method == "create_kernel":
+                reply["result"] = await self.runner.create(CreateKernel.from_json(params))
+            elif method == "destroy_kernel":
+                reply["result"] = await self.runner.destroy(params["session_id"])
+            elif method == "signal_kernel":
+                reply["result"] = await self.runner.signal(params["session_id"], params["signal"])
+            elif method == "restart_kernel":
+                reply["result"] = await self.runner.restart(CreateKernel.from_json(params))
+            else:
+                raise ApiError(f"unknown method {method!r}")
+        except BackendError as e:
+            reply["error"] = {"type": "agent-error", "title": str(e), "status": 502}
+        except ApiError as e:
+            reply["error"] = e.to_json()
+        except Exception as e:  # report, don't die: the gateway waits for this reply
+            log.exception("%s failed", method)
+            reply["error"] = {"type": "agent-error", "title": f"{method} failed: {e}", "status": 500}
+        try:
+            await ws.write_message(json.dumps(reply))
+        except websocket.WebSocketClosedError:
+            pass

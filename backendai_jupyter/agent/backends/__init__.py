@@ -1,0 +1,1 @@
+"""Container backends: how an agent turns a kernel launch into a running container."""

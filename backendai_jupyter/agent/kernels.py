@@ -1,0 +1,286 @@
+"""A kernel's life on an agent: ports, connection file, container, readiness, and its end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..common.states import SessionState
+from ..common.wire import CreateKernel, ImageInfo, KernelReport
+from .backends.base import CONNECTION_FILE_IN_CONTAINER, CONTAINER_PORTS, BackendError, ContainerBackend, KernelLaunch
+from .ports import PortPool, PortsExhausted
+from .probe import KernelNotReady, wait_until_ready
+
+log = logging.getLogger(__name__)
+Report = Callable[[KernelReport], None]
+
+
+@dataclass
+class Kernel:
+    """One kernel this agent runs."""
+
+    order: CreateKernel
+    host_ports: dict[str, int] = field(default_factory=dict)
+    key: str = ""
+    container_id: str | None = None
+    state: SessionState = SessionState.PREPARING
+    connection: dict[str, Any] | None = None
+    ending: bool = False  # the agent itself is removing it: its exit is expected
+    task: asyncio.Task[None] | None = None
+
+
+class KernelRunner:
+    """Starts, watches and ends the kernels of one agent."""
+
+    def __init__(
+        self,
+        backend: ContainerBackend,
+        ports: PortPool,
+        state_dir: Path,
+        advertised_host: str,
+        ready_timeout: float,
+        report: Report,
+    ) -> None:
+        self.backend = backend
+        self.ports = ports
+        self.state_dir = state_dir
+        self.advertised_host = advertised_host
+        self.ready_timeout = ready_timeout
+        self.report = report
+        self.kernels: dict[str, Kernel] = {}
+        self.images: dict[str, ImageInfo] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Find images, re-adopt kernels left running, and watch for kernels that exit."""
+        self._loop = asyncio.get_running_loop()
+        await self.refresh_images()
+        await self._recover()
+        self.backend.watch_exits(self._exit_from_thread)
+
+    async def refresh_images(self) -> list[ImageInfo]:
+        images = await self.backend.list_images()
+        self.images = {t: i for i in images for t in i.tags}
+        return images
+
+    def _kernel_dir(self, sid: str) -> Path:
+        return self.state_dir / "kernels" / sid
+
+    async def _recover(self) -> None:
+        for found in await self.backend.recover():
+            conn_file = self._kernel_dir(found.session_id) / "client.json"
+            if found.running and conn_file.exists():
+                connection = json.loads(conn_file.read_text())
+                order = json.loads((self._kernel_dir(found.session_id) / "order.json").read_text())
+                k = Kernel(
+                    order=CreateKernel.from_json(order),
+                    host_ports=found.host_ports,
+                    key=connection["key"],
+                    container_id=found.container_id,
+                    state=SessionState.RUNNING,
+                    connection=connection,
+                )
+                self.ports.claim(list(found.host_ports.values()))
+                self.kernels[found.session_id] = k
+                log.info("re-adopted kernel %s (container %s)", found.session_id, found.container_id[:12])
+            else:
+                await self.backend.destroy(found.container_id)
+                shutil.rmtree(self._kernel_dir(found.session_id), ignore_errors=True)
+
+    def snapshot(self) -> list[KernelReport]:
+        """Every kernel with its state, for (re)registration."""
+        return [
+            KernelReport(sid, k.state, "", k.connection if k.state == SessionState.RUNNING else None)
+            for sid, k in self.kernels.items()
+        ]
+
+    # -- orders from the gateway ---------------------------------------------------------------
+
+    async def create(self, order: CreateKernel) -> dict[str, Any]:
+        """Accept a kernel order; its progress is reported as it happens."""
+        if order.session_id in self.kernels:
+            return {"accepted": True}
+        if order.image not in self.images:
+            await self.refresh_images()
+            if order.image not in self.images:
+                raise BackendError(f"image {order.image} is not on this agent")
+        k = Kernel(order)
+        self.kernels[order.session_id] = k
+        k.task = asyncio.ensure_future(self._launch(k))
+        return {"accepted": True}
+
+    async def _launch(self, k: Kernel, *, restarted: bool = False) -> None:
+        sid = k.order.session_id
+        try:
+            self._set(k, SessionState.PREPARING, "allocating ports and writing the connection file")
+            if not k.host_ports:
+                k.host_ports, k.key = self._ports_and_key(k.order.reuse)
+            self._write_files(k)
+            self._set(k, SessionState.CREATING, "starting the container")
+            argv = [
+                a.replace("{connection_file}", CONNECTION_FILE_IN_CONTAINER)
+                for a in self.images[k.order.image].kernel.get("argv", [])
+            ]
+            if not argv:
+                raise BackendError(f"image {k.order.image} declares no kernel command")
+            env = {**k.order.env, "BACKENDAI_SESSION_ID": sid}
+            launch = KernelLaunch(
+                session_id=sid,
+                image=k.order.image,
+                argv=argv,
+                resources=k.order.resources,
+                env=env,
+                owner=k.order.owner,
+                host_ports=k.host_ports,
+                connection_file=str(self._kernel_dir(sid) / "kernel.json"),
+            )
+            k.container_id = await self.backend.create(launch)
+            connection = self._client_connection(k)
+            took = await wait_until_ready(connection, self.ready_timeout)
+            k.connection = connection
+            reason = "restarted" if restarted else f"kernel ready after {took * 1000:.0f} ms of boot"
+            self._set(k, SessionState.RUNNING, reason, connection=connection)
+        except asyncio.CancelledError:
+            raise
+        except (BackendError, PortsExhausted, KernelNotReady, OSError) as e:
+            detail = str(e)
+            if k.container_id:
+                tail = await self.backend.logs_tail(k.container_id)
+                if tail:
+                    detail += f"; the kernel printed: {tail[-1500:]}"
+            await self._remove(k)
+            self._set(k, SessionState.ERROR, detail)
+
+    def _ports_and_key(self, reuse: dict[str, Any] | None) -> tuple[dict[str, int], str]:
+        """The previous kernel's ports and key when it is a restart and they are free, else new."""
+        if reuse:
+            wanted = {ch: int(reuse.get(f"{ch}_port", 0)) for ch in CONTAINER_PORTS}
+            if self.ports.take_exactly(list(wanted.values())):
+                return wanted, str(reuse["key"])
+        ports = self.ports.take(len(CONTAINER_PORTS))
+        return dict(zip(CONTAINER_PORTS, ports, strict=True)), uuid.uuid4().hex
+
+    def _client_connection(self, k: Kernel) -> dict[str, Any]:
+        return {
+            "ip": self.advertised_host,
+            "transport": "tcp",
+            "signature_scheme": "hmac-sha256",
+            "key": k.key,
+            **{f"{ch}_port": port for ch, port in k.host_ports.items()},
+        }
+
+    def _write_files(self, k: Kernel) -> None:
+        d = self._kernel_dir(k.order.session_id)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The kernel sees its own ports and listens on all interfaces inside its container.
+        kernel_view = {
+            "ip": "0.0.0.0",
+            "transport": "tcp",
+            "signature_scheme": "hmac-sha256",
+            "key": k.key,
+            "kernel_name": "",
+            **{f"{ch}_port": port for ch, port in CONTAINER_PORTS.items()},
+        }
+        # The kernel runs as an unprivileged user: the file must be readable inside; the
+        # directory above it (0700) keeps other host users out.
+        _write(d / "kernel.json", kernel_view, 0o644)
+        _write(d / "client.json", self._client_connection(k), 0o600)
+        _write(d / "order.json", {**k.order.to_json(), "env": {}}, 0o600)
+
+    async def destroy(self, sid: str) -> dict[str, Any]:
+        """Remove a kernel's container and free its ports; the kernel is TERMINATED."""
+        k = self.kernels.get(sid)
+        if k is None:
+            return {"removed": False}
+        if k.task and not k.task.done():
+            k.task.cancel()
+        await self._remove(k)
+        self._set(k, SessionState.TERMINATED, "shut down")
+        return {"removed": True}
+
+    async def _remove(self, k: Kernel, *, keep_ports: bool = False) -> None:
+        k.ending = True
+        if k.container_id:
+            await self.backend.destroy(k.container_id)
+        if not keep_ports:
+            self.ports.give_back(list(k.host_ports.values()))
+            shutil.rmtree(self._kernel_dir(k.order.session_id), ignore_errors=True)
+
+    async def signal(self, sid: str, signame: str) -> dict[str, Any]:
+        k = self.kernels.get(sid)
+        if k is None or k.container_id is None:
+            raise BackendError(f"no kernel {sid} on this agent")
+        await self.backend.signal(k.container_id, signame)
+        return {}
+
+    async def restart(self, order: CreateKernel) -> dict[str, Any]:
+        """A fresh container on the same ports and key: connected clients just reconnect."""
+        k = self.kernels.get(order.session_id)
+        if k is None:
+            raise BackendError(f"no kernel {order.session_id} on this agent")
+        if k.task and not k.task.done():
+            k.task.cancel()
+        await self._remove(k, keep_ports=True)
+        k.container_id = None
+        k.ending = False
+        k.order.env = order.env or k.order.env
+        await self._launch(k, restarted=True)
+        if k.state != SessionState.RUNNING:
+            raise BackendError("the kernel did not come back after the restart")
+        return {}
+
+    async def destroy_all(self) -> None:
+        await asyncio.gather(*(self.destroy(sid) for sid in list(self.kernels)))
+
+    # -- kernels that end on their own ---------------------------------------------------------
+
+    def _exit_from_thread(self, sid: str, exit_code: int, container_id: str) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(self._exited(sid, exit_code, container_id))
+        )
+
+    async def _exited(self, sid: str, exit_code: int, container_id: str) -> None:
+        k = self.kernels.get(sid)
+        if k is None or k.ending or k.container_id != container_id:
+            return
+        if k.task and not k.task.done():
+            k.task.cancel()
+        exit_code, oom = await self.backend.exit_info(container_id)
+        tail = await self.backend.logs_tail(container_id) if exit_code != 0 else ""
+        await self._remove(k)
+        if exit_code == 0:
+            self._set(k, SessionState.TERMINATED, "the kernel exited", exit_code=0)
+            return
+        if oom:
+            why = "the kernel ran out of memory and was killed"
+        elif exit_code in (137, -1):
+            why = f"the kernel's container was killed (exit code {exit_code})"
+        else:
+            why = f"the kernel exited with code {exit_code}"
+        if tail:
+            why += f"; it printed: {tail[-1000:]}"
+        self._set(k, SessionState.ERROR, why, exit_code=exit_code)
+
+    def _set(self, k: Kernel, state: SessionState, reason: str, **extra: Any) -> None:
+        k.state = state
+        if state.is_terminal:
+            self.kernels.pop(k.order.session_id, None)
+        self.report(KernelReport(k.order.session_id, state, reason, **extra))
+
+
+def _write(path: Path, data: dict[str, Any], mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.chmod(path, mode)

@@ -1,0 +1,239 @@
+"""``backendai-jupyter``: one command with subcommands (up, gateway, agent, status, ...)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from traitlets import Bool, Unicode
+from traitlets.config import Application
+
+from . import __version__
+from .agent.app import Agent
+from .common.clientconfig import ClientConfig, default_path
+from .gateway.app import Gateway
+
+
+class _Service(Application):
+    """Common base for the long-running subcommands."""
+
+    log_level = 20  # type: ignore[assignment]
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # type: ignore[assignment]
+
+    def _run_until_signal(self, start: Any, stop: Any) -> None:
+        async def main() -> None:
+            stopping = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stopping.set)
+            try:
+                await start()
+            except Exception as e:
+                self.log.error("%s", e)
+                raise SystemExit(1) from None
+            await stopping.wait()
+            self.log.info("stopping ...")
+            await stop()
+
+        logging.basicConfig(level=self.log_level, format=self.log_format)
+        logging.getLogger("tornado.access").setLevel(logging.WARNING)
+        asyncio.run(main())
+
+
+class GatewayApp(_Service):
+    name = "backendai-jupyter gateway"
+    description = "Run the gateway (manager + API): REST /v1, the scheduler, the agent registry."
+    classes = [Gateway]
+    aliases = {"ip": "Gateway.ip", "port": "Gateway.port", "data-dir": "Gateway.data_dir",
+               "db-url": "Gateway.db_url"}
+
+    def start(self) -> None:
+        gw = Gateway(parent=self)
+
+        async def start() -> None:
+            await gw.start()
+            print(f"gateway ready at {gw.url}", flush=True)
+
+        self._run_until_signal(start, gw.stop)
+
+
+class AgentApp(_Service):
+    name = "backendai-jupyter agent"
+    description = "Run an agent: start kernel containers on this host for the gateway."
+    classes = [Agent]
+    aliases = {"gateway-url": "Agent.gateway_url", "id": "Agent.agent_id", "host": "Agent.advertised_host",
+               "port-range": "Agent.port_range", "state-dir": "Agent.state_dir", "cpu": "Agent.cpu",
+               "mem": "Agent.mem"}
+
+    def start(self) -> None:
+        agent = Agent(parent=self)
+        self._run_until_signal(agent.start, agent.stop)
+
+
+class UpApp(_Service):
+    name = "backendai-jupyter up"
+    description = "Run the gateway and one local agent (embedded SQLite), and write the client config."
+    classes = [Gateway, Agent]
+    aliases = {"port": "Gateway.port", "data-dir": "Gateway.data_dir", "client-config": "UpApp.client_config"}
+    client_config = Unicode(
+        help="Where to write the client config; <jupyter config dir>/backendai_client.json when empty "
+        "(env BACKENDAI_CLIENT_CONFIG)."
+    ).tag(config=True)
+
+    def start(self) -> None:
+        gw = Gateway(parent=self)
+        agent = Agent(parent=self)
+
+        async def start() -> None:
+            await gw.start()
+            agent.gateway_url = gw.url
+            agent.agent_token = gw.agent_token
+            agent.destroy_kernels_on_exit = True
+            if not agent.state_dir or agent.state_dir == agent.trait_defaults("state_dir"):
+                agent.state_dir = f"{gw.data_dir}/agent"
+            await agent.start()
+            await agent.wait_registered()
+            access, secret = gw.admin_keypair()
+            path = ClientConfig(gw.url, access, secret).save(
+                Path(self.client_config) if self.client_config else default_path()
+            )
+            print(f"backendai-jupyter is up: gateway {gw.url}, agent {agent.agent_id}", flush=True)
+            print(f"client config: {path}", flush=True)
+            print("Press Ctrl-C to stop (kernels it started are shut down).", flush=True)
+
+        async def stop() -> None:
+            await agent.stop()
+            await gw.stop()
+
+        self._run_until_signal(start, stop)
+
+
+class StatusApp(Application):
+    name = "backendai-jupyter status"
+    description = "Show the gateway, its agents and the running kernel sessions."
+    json_output = Bool(False, help="Print JSON for scripts.").tag(config=True)
+    flags = {"json": ({"StatusApp": {"json_output": True}}, "Print JSON.")}
+
+    def start(self) -> None:
+        from .provisioner.client import GatewayClient
+        from .common.errors import ApiError
+
+        path = default_path()
+        cfg = ClientConfig.load(path)
+        if cfg is None:
+            print(f"No client config at {path}: start the gateway with `backendai-jupyter up`.", file=sys.stderr)
+            self.exit(1)
+        client = GatewayClient.instance(cfg)
+        try:
+            agents = client.submit(client.request("GET", "/v1/agents", timeout=10)).result()["agents"]
+            sessions = client.submit(client.request("GET", "/v1/sessions?all=1&active=1", timeout=10)).result()
+        except ApiError as e:
+            print(e.title, file=sys.stderr)
+            self.exit(1)
+        status = {"gateway": cfg.url, "client_config": str(path), "agents": agents,
+                  "sessions": sessions["sessions"]}
+        if self.json_output:
+            print(json.dumps(status, indent=2))
+            return
+        print(f"gateway:        {cfg.url}")
+        print(f"client config:  {path}")
+        print(f"agents ({len(agents)}):")
+        for a in agents:
+            print(f"  {a['id']:<20} {a['status']:<8} {a['address']:<15} "
+                  f"cpu {a['used'].get('cpu', '0')}/{a['capacity'].get('cpu', '0')}  "
+                  f"mem {_gib(a['used'].get('mem', '0'))}/{_gib(a['capacity'].get('mem', '0'))} GiB  "
+                  f"kernels {a['kernels']}")
+        print(f"kernel sessions ({len(status['sessions'])}):")
+        for s in status["sessions"]:
+            print(f"  {s['id']}  {s['state']:<10} {s['image']:<32} agent {s['agent'] or '-'}  {s['reason']}")
+
+
+def _gib(value: str) -> str:
+    return f"{int(value) / 2**30:.1f}"
+
+
+class KernelspecsInstallApp(Application):
+    name = "backendai-jupyter kernelspecs install"
+    description = "Install the Backend.AI kernelspecs (e.g. backendai-python3)."
+    user = Bool(False, help="Install for the current user.").tag(config=True)
+    sys_prefix = Bool(False, help="Install into sys.prefix (the virtualenv).").tag(config=True)
+    prefix = Unicode("", help="Install under this prefix.").tag(config=True)
+    flags = {
+        "user": ({"KernelspecsInstallApp": {"user": True}}, "Install for the current user."),
+        "sys-prefix": ({"KernelspecsInstallApp": {"sys_prefix": True}}, "Install into sys.prefix."),
+    }
+    aliases = {"prefix": "KernelspecsInstallApp.prefix"}
+
+    def start(self) -> None:
+        from .kernelspec_install import install
+
+        prefix = sys.prefix if self.sys_prefix else (self.prefix or None)
+        for path in install(user=self.user, prefix=prefix, names=self.extra_args or None):
+            print(f"installed kernelspec in {path}")
+
+
+class KernelspecsApp(Application):
+    name = "backendai-jupyter kernelspecs"
+    description = "Manage Backend.AI kernelspecs."
+    subcommands = {"install": (KernelspecsInstallApp, KernelspecsInstallApp.description)}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        self.subapp.start()
+
+
+class ImagesApp(Application):
+    name = "backendai-jupyter images"
+    description = "Build the kernel images (cached by content: unchanged images are not rebuilt)."
+    base_image = Unicode("", help="FROM of the base image (default: a locally bootstrapped Debian).").tag(
+        config=True
+    )
+    force = Bool(False, help="Rebuild even when up to date.").tag(config=True)
+    aliases = {"base-image": "ImagesApp.base_image"}
+    flags = {"force": ({"ImagesApp": {"force": True}}, "Rebuild even when up to date.")}
+
+    def start(self) -> None:
+        if self.extra_args[:1] != ["build"]:
+            print("usage: backendai-jupyter images build [--base-image=IMAGE] [--force] [NAME ...]")
+            self.exit(1)
+        from .images import main
+
+        argv = list(self.extra_args[1:])
+        if self.base_image:
+            argv += ["--base-image", self.base_image]
+        if self.force:
+            argv.append("--force")
+        self.exit(main(argv))
+
+
+class BackendAIJupyterApp(Application):
+    name = "backendai-jupyter"
+    version = __version__
+    description = "Jupyter kernels in containers on GPU agents, placed by a gateway."
+    subcommands = {
+        "up": (UpApp, UpApp.description),
+        "gateway": (GatewayApp, GatewayApp.description),
+        "agent": (AgentApp, AgentApp.description),
+        "status": (StatusApp, StatusApp.description),
+        "kernelspecs": (KernelspecsApp, KernelspecsApp.description),
+        "images": (ImagesApp, ImagesApp.description),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        self.subapp.start()
+
+
+main = BackendAIJupyterApp.launch_instance
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""What two or more parts share: resource slots, states, signing, wire types, errors."""

@@ -1,0 +1,124 @@
+"""Messages between gateway and agents, typed once and used on both sides.
+
+The agent opens a websocket to the gateway and speaks JSON objects with a ``type``:
+``register`` and ``heartbeat`` (agent → gateway), ``call`` (gateway → agent, answered by
+``reply`` with the same ``id``) and ``kernel`` (agent → gateway, a kernel's state changed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .slots import ResourceSlot
+from .states import SessionState
+
+PROTOCOL_VERSION = 1
+AGENT_WS_PATH = "/v1/agents/connect"
+KERNEL_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+
+
+@dataclass
+class ImageInfo:
+    """An image an agent holds and can start kernels from."""
+
+    id: str
+    tags: list[str]
+    kernel: dict[str, Any]  # the image's kernel label: language, display_name, argv
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ImageInfo:
+        return cls(id=d["id"], tags=list(d["tags"]), kernel=dict(d.get("kernel") or {}))
+
+
+@dataclass
+class KernelReport:
+    """An agent's word on one kernel: its state and, once running, how to reach it."""
+
+    session_id: str
+    state: SessionState
+    reason: str = ""
+    connection: dict[str, Any] | None = None
+    exit_code: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KernelReport:
+        return cls(
+            session_id=d["session_id"],
+            state=SessionState(d["state"]),
+            reason=d.get("reason", ""),
+            connection=d.get("connection"),
+            exit_code=d.get("exit_code"),
+        )
+
+
+@dataclass
+class AgentRegistration:
+    """What an agent says when it connects: who it is, what it has, what it runs."""
+
+    agent_id: str
+    address: str
+    capacity: ResourceSlot
+    images: list[ImageInfo] = field(default_factory=list)
+    kernels: list[KernelReport] = field(default_factory=list)
+    version: int = PROTOCOL_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "address": self.address,
+            "capacity": self.capacity.to_json(),
+            "images": [asdict(i) for i in self.images],
+            "kernels": [k.to_json() for k in self.kernels],
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AgentRegistration:
+        return cls(
+            agent_id=d["agent_id"],
+            address=d["address"],
+            capacity=ResourceSlot.parse(d["capacity"]),
+            images=[ImageInfo.from_json(i) for i in d.get("images", [])],
+            kernels=[KernelReport.from_json(k) for k in d.get("kernels", [])],
+            version=d.get("version", PROTOCOL_VERSION),
+        )
+
+
+@dataclass
+class CreateKernel:
+    """The gateway's order to start a kernel for a scheduled session."""
+
+    session_id: str
+    image: str
+    resources: ResourceSlot
+    env: dict[str, str]
+    owner: str
+    # On a restart: the previous kernel's ports and key, so connected clients reconnect as is.
+    reuse: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "image": self.image,
+            "resources": self.resources.to_json(),
+            "env": self.env,
+            "owner": self.owner,
+            "reuse": self.reuse,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CreateKernel:
+        return cls(
+            session_id=d["session_id"],
+            image=d["image"],
+            resources=ResourceSlot.parse(d["resources"]),
+            env=dict(d.get("env") or {}),
+            owner=d.get("owner", ""),
+            reuse=d.get("reuse"),
+        )

@@ -1,0 +1,1 @@
+"""The gateway: REST API, scheduler, agent registry and the database behind them."""

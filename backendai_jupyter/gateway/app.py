@@ -1,0 +1,205 @@
+"""The gateway process: configuration, database, and the Tornado application."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from tornado import httpserver, web
+from traitlets import Dict, Float, Int, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
+
+from .. import __version__
+from ..common.slots import ResourceSlot, SlotError
+from ..common.wire import AGENT_WS_PATH
+from . import db as dbmod
+from .auth import Authenticator
+from .events import EventHub
+from .handlers.agents import AgentConnectHandler, AgentsHandler
+from .handlers.base import ApiHandler, NotFoundHandler
+from .handlers.sessions import (
+    InterruptHandler,
+    RestartHandler,
+    SessionEventsHandler,
+    SessionHandler,
+    SessionsHandler,
+    SignalHandler,
+)
+from .sessions import SessionService
+
+log = logging.getLogger(__name__)
+SID = r"(?P<sid>[0-9a-f-]{36})"
+
+
+class InfoHandler(ApiHandler):
+    async def get(self) -> None:
+        self.write_json({"version": __version__, "user": self.current_user.name,
+                         "is_admin": self.current_user.is_admin})
+
+
+def _slots_trait(value: dict[str, Any], name: str) -> dict[str, Any]:
+    try:
+        ResourceSlot.parse(value)
+    except SlotError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return value
+
+
+class Gateway(LoggingConfigurable):
+    """The manager and API gateway: REST /v1, the scheduler and the agent registry."""
+
+    ip = Unicode(help="Address to listen on (env BACKENDAI_GATEWAY_IP).").tag(config=True)
+
+    @default("ip")
+    def _ip_default(self) -> str:
+        return os.environ.get("BACKENDAI_GATEWAY_IP", "127.0.0.1")
+
+    port = Int(help="Port to listen on (env BACKENDAI_GATEWAY_PORT).").tag(config=True)
+
+    @default("port")
+    def _port_default(self) -> int:
+        return int(os.environ.get("BACKENDAI_GATEWAY_PORT", "8470"))
+
+    public_url = Unicode(
+        help="URL clients and agents use to reach the gateway; derived from ip and port when empty "
+        "(env BACKENDAI_GATEWAY_URL)."
+    ).tag(config=True)
+
+    @default("public_url")
+    def _public_url_default(self) -> str:
+        return os.environ.get("BACKENDAI_GATEWAY_URL", "")
+
+    data_dir = Unicode(
+        help="Directory for the database and secrets (env BACKENDAI_DATA_DIR)."
+    ).tag(config=True)
+
+    @default("data_dir")
+    def _data_dir_default(self) -> str:
+        if os.environ.get("BACKENDAI_DATA_DIR"):
+            return os.environ["BACKENDAI_DATA_DIR"]
+        from jupyter_core.paths import jupyter_data_dir
+
+        return str(Path(jupyter_data_dir()) / "backendai")
+
+    db_url = Unicode(
+        help="SQLAlchemy async URL of the database; embedded SQLite in data_dir when empty "
+        "(env BACKENDAI_DB_URL)."
+    ).tag(config=True)
+
+    @default("db_url")
+    def _db_url_default(self) -> str:
+        return os.environ.get("BACKENDAI_DB_URL", "")
+
+    agent_token = Unicode(
+        help="Shared secret agents present when they connect; generated into data_dir when empty "
+        "(env BACKENDAI_AGENT_TOKEN)."
+    ).tag(config=True)
+
+    @default("agent_token")
+    def _agent_token_default(self) -> str:
+        return os.environ.get("BACKENDAI_AGENT_TOKEN", "")
+
+    heartbeat_interval = Float(5.0, help="Seconds between agent heartbeats.").tag(config=True)
+    heartbeat_timeout = Float(
+        20.0, help="An agent silent this many seconds is marked lost, with its kernels."
+    ).tag(config=True)
+    pending_timeout = Float(
+        300.0, help="A session not placed within this many seconds ends in ERROR (0: wait forever)."
+    ).tag(config=True)
+    default_resources = Dict(
+        {"cpu": "1", "mem": "1g"}, help="Resources of a session that asks for none."
+    ).tag(config=True)
+    max_resources = Dict(
+        {}, help="Most a single session may have per slot; larger requests are clamped to it."
+    ).tag(config=True)
+
+    @validate("default_resources", "max_resources")
+    def _valid_slots(self, proposal: Any) -> dict[str, Any]:
+        return _slots_trait(proposal["value"], proposal["trait"].name)
+
+    # -- running -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.ip in ("", "0.0.0.0") else self.ip
+        return f"http://{host}:{self.port}"
+
+    def _secret_file(self, name: str) -> Path:
+        return Path(self.data_dir) / name
+
+    def _load_or_create_agent_token(self) -> str:
+        if self.agent_token:
+            return self.agent_token
+        path = self._secret_file("agent-token")
+        if path.exists():
+            return path.read_text().strip()
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return token
+
+    async def start(self) -> None:
+        """Migrate the database, make the first admin, and start serving."""
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        url = self.db_url or f"sqlite+aiosqlite:///{Path(self.data_dir) / 'gateway.sqlite'}"
+        await dbmod.migrate(url)
+        self.engine = dbmod.make_engine(url)
+        sessionmaker = dbmod.make_sessionmaker(self.engine)
+        self.authenticator = Authenticator(sessionmaker)
+        created = await self.authenticator.ensure_admin()
+        admin_file = self._secret_file("admin-keypair.json")
+        if created:
+            fd = os.open(admin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"access_key": created[0], "secret_key": created[1]}, f)
+        self.agent_token = self._load_or_create_agent_token()
+        self.hub = EventHub()
+        self.sessions = SessionService(
+            sessionmaker,
+            self.hub,
+            default_resources=ResourceSlot.parse(self.default_resources),
+            max_resources=ResourceSlot.parse(self.max_resources),
+            pending_timeout=self.pending_timeout,
+            heartbeat_timeout=self.heartbeat_timeout,
+        )
+        await self.sessions.start()
+        app = web.Application(
+            [
+                (r"/v1/?", InfoHandler),
+                (AGENT_WS_PATH, AgentConnectHandler),
+                (r"/v1/agents/?", AgentsHandler),
+                (r"/v1/sessions/?", SessionsHandler),
+                (rf"/v1/sessions/{SID}/?", SessionHandler),
+                (rf"/v1/sessions/{SID}/interrupt", InterruptHandler),
+                (rf"/v1/sessions/{SID}/signal", SignalHandler),
+                (rf"/v1/sessions/{SID}/restart", RestartHandler),
+                (rf"/v1/sessions/{SID}/events", SessionEventsHandler),
+                (r"/v1/.*", NotFoundHandler),
+            ],
+            sessions=self.sessions,
+            hub=self.hub,
+            authenticator=self.authenticator,
+            agent_token=self.agent_token,
+            heartbeat_interval=self.heartbeat_interval,
+            websocket_ping_interval=20,
+        )
+        self.server = httpserver.HTTPServer(app, xheaders=False)
+        self.server.listen(self.port, self.ip)
+        log.info("gateway listening on %s", self.url)
+
+    def admin_keypair(self) -> tuple[str, str]:
+        """The first admin's keypair, as written on first start."""
+        data = json.loads(self._secret_file("admin-keypair.json").read_text())
+        return data["access_key"], data["secret_key"]
+
+    async def stop(self) -> None:
+        self.server.stop()
+        await self.sessions.stop()
+        await self.engine.dispose()

@@ -1,0 +1,112 @@
+"""/v1/sessions: create, list, read, delete, interrupt, signal and restart kernel sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from tornado import websocket
+
+from ...common.errors import ApiError
+from ..sessions import session_json
+from .base import ApiHandler, AuthMixin
+
+
+class SessionsHandler(ApiHandler):
+    async def get(self) -> None:
+        all_users = self.get_query_argument("all", "") in ("1", "true")
+        active = self.get_query_argument("active", "") in ("1", "true")
+        self.write_json({"sessions": await self.sessions.list(self.current_user, all_users=all_users,
+                                                               active_only=active)})
+
+    async def post(self) -> None:
+        body = self.json_body()
+        model = await self.sessions.create(self.current_user, self.access_key, body)
+        self.set_header("Location", f"/v1/sessions/{model['id']}")
+        self.write_json(model, status=201)
+
+
+class SessionHandler(ApiHandler):
+    async def get(self, sid: str) -> None:
+        row = await self.sessions.get_row(self.current_user, sid)
+        model = session_json(row, with_connection=row.owner_id == self.current_user.id)
+        model["transitions"] = await self.sessions.transitions(sid)
+        self.write_json(model)
+
+    async def delete(self, sid: str) -> None:
+        self.write_json(await self.sessions.destroy(self.current_user, sid))
+
+
+class InterruptHandler(ApiHandler):
+    async def post(self, sid: str) -> None:
+        await self.sessions.signal(self.current_user, sid, "SIGINT")
+        self.set_status(204)
+        self.finish()
+
+
+class SignalHandler(ApiHandler):
+    async def post(self, sid: str) -> None:
+        body = self.json_body()
+        await self.sessions.signal(self.current_user, sid, str(body.get("signal", "")))
+        self.set_status(204)
+        self.finish()
+
+
+class RestartHandler(ApiHandler):
+    async def post(self, sid: str) -> None:
+        self.write_json(await self.sessions.restart(self.current_user, sid))
+
+
+class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
+    """A websocket of one session's state changes: the current state first, then each change."""
+
+    _queue: asyncio.Queue[dict[str, Any]] | None = None
+    _pump: asyncio.Task[None] | None = None
+
+    async def get(self, sid: str) -> None:  # type: ignore[override]
+        try:
+            await self.authenticate()
+            row = await self.settings["sessions"].get_row(self.current_user, sid)
+        except ApiError as e:
+            self.set_status(e.status)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(e.to_json()))
+            return
+        self.sid = sid
+        self.owner = row.owner_id
+        hub = self.settings["hub"]
+        # Subscribe before reading the snapshot so no change can fall between the two.
+        self._queue = hub.subscribe(lambda ev: ev["session_id"] == sid)
+        await super().get(sid)
+
+    async def open(self, sid: str) -> None:  # type: ignore[override]
+        self.set_nodelay(True)
+        sessions = self.settings["sessions"]
+        row = await sessions.get_row(self.current_user, sid)
+        first = sessions.event_of(row)
+        self._send(first)
+        self._pump = asyncio.ensure_future(self._forward())
+
+    def _send(self, event: dict[str, Any]) -> None:
+        if self.owner != self.current_user.id:
+            event = {k: v for k, v in event.items() if k != "connection"}
+        self.write_message(json.dumps(event))
+
+    async def _forward(self) -> None:
+        assert self._queue is not None
+        try:
+            while True:
+                event = await self._queue.get()
+                self._send(event)
+        except websocket.WebSocketClosedError:
+            pass
+
+    def on_message(self, message: str | bytes) -> None:
+        pass  # clients only listen
+
+    def on_close(self) -> None:
+        if self._queue is not None:
+            self.settings["hub"].unsubscribe(self._queue)
+        if self._pump:
+            self._pump.cancel()

@@ -1,0 +1,1 @@
+"""Client side: the kernel provisioner, the /v1 client and the Jupyter Server extension."""

@@ -1,0 +1,260 @@
+"""The kernel provisioner: jupyter_client asks it for a kernel, it asks the gateway.
+
+jupyter_client's ``KernelManager`` drives every method here (see
+``jupyter_client.provisioning.provisioner_base``). The kernel runs in a container on an
+agent; once it is RUNNING the client talks ZMQ straight to it, and nothing on the message
+path passes through the gateway.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Dict, Float, List, Unicode, default
+
+from ..common.clientconfig import ClientConfig, default_path
+from ..common.errors import ApiError
+from ..common.states import SessionState
+from .client import GatewayClient, SessionWatch
+
+
+class LaunchError(RuntimeError):
+    """The gateway could not give us a kernel; the message says why and what to do."""
+
+
+def client_config(gateway_url: str, access_key: str, secret_key: str, path: str) -> ClientConfig:
+    """The effective client config: explicit values win over the client config file."""
+    file_path = Path(path) if path else default_path()
+    found = ClientConfig.load(file_path)
+    if found is None and not (gateway_url and access_key and secret_key):
+        raise LaunchError(
+            f"no Backend.AI client config at {file_path}. Start the gateway with "
+            "`backendai-jupyter up` (it writes that file), or set BACKENDAI_GATEWAY_URL, "
+            "BACKENDAI_ACCESS_KEY and BACKENDAI_SECRET_KEY."
+        )
+    return ClientConfig(
+        url=gateway_url or (found.url if found else ""),
+        access_key=access_key or (found.access_key if found else ""),
+        secret_key=secret_key or (found.secret_key if found else ""),
+    )
+
+
+class BackendAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Provisions kernels in containers on Backend.AI agents through the gateway."""
+
+    image = Unicode("backendai-jupyter/python:latest", help="Container image of the kernel.").tag(config=True)
+    resources = Dict(help="Resources to request, e.g. {'cpu': '1', 'mem': '2g'}.").tag(config=True)
+    gateway_url = Unicode(help="Gateway URL; overrides the client config (env BACKENDAI_GATEWAY_URL).").tag(
+        config=True
+    )
+
+    @default("gateway_url")
+    def _gateway_url_default(self) -> str:
+        return os.environ.get("BACKENDAI_GATEWAY_URL", "")
+
+    access_key = Unicode(help="Access key; overrides the client config (env BACKENDAI_ACCESS_KEY).").tag(
+        config=True
+    )
+
+    @default("access_key")
+    def _access_key_default(self) -> str:
+        return os.environ.get("BACKENDAI_ACCESS_KEY", "")
+
+    secret_key = Unicode(help="Secret key; overrides the client config (env BACKENDAI_SECRET_KEY).").tag(
+        config=True
+    )
+
+    @default("secret_key")
+    def _secret_key_default(self) -> str:
+        return os.environ.get("BACKENDAI_SECRET_KEY", "")
+
+    client_config_path = Unicode(
+        help="Client config file; <jupyter config dir>/backendai_client.json when empty "
+        "(env BACKENDAI_CLIENT_CONFIG)."
+    ).tag(config=True)
+
+    launch_timeout = Float(
+        help="Seconds from request to a running kernel, queueing included (env BACKENDAI_LAUNCH_TIMEOUT)."
+    ).tag(config=True)
+
+    @default("launch_timeout")
+    def _launch_timeout_default(self) -> float:
+        return float(os.environ.get("BACKENDAI_LAUNCH_TIMEOUT", "300"))
+
+    forward_env = List(
+        Unicode(),
+        ["KERNEL_*"],
+        help="Names (glob patterns) of local environment variables passed to the remote kernel, "
+        "besides the kernelspec's own env.",
+    ).tag(config=True)
+
+    session_id: str | None = None
+    # After cleanup(restart=True): the session the next launch replaces (same ports and key).
+    _restart_of: str | None = None
+    _client: GatewayClient | None = None
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> GatewayClient:
+        if self._client is None:
+            cfg = client_config(self.gateway_url, self.access_key, self.secret_key, self.client_config_path)
+            self._client = GatewayClient.instance(cfg)
+        return self._client
+
+    def _event(self) -> dict[str, Any]:
+        return self.client.cached_state(self.session_id) if self.session_id else {}
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            return await self.client.run(self.client.request(method, path, body))
+        except ApiError as e:
+            raise LaunchError(e.title) from None
+
+    # -- the provisioner contract -------------------------------------------------------------------
+
+    @property
+    def has_process(self) -> bool:
+        """True while a session exists for this kernel."""
+        return self.session_id is not None
+
+    async def poll(self) -> int | None:
+        """None while the kernel lives; its exit code once over. Answered from pushed state."""
+        event = self._event()
+        if not event or not SessionState(event["state"]).is_terminal:
+            return None
+        code = event.get("exit_code")
+        return int(code) if code is not None else (0 if event["state"] == "TERMINATED" else 1)
+
+    async def wait(self) -> int | None:
+        """Wait until the session is over."""
+        if self.session_id is None:
+            return None
+        sid = self.session_id
+        await self.client.run(self.client.wait_for(sid, _over))
+        return await self.poll()
+
+    async def send_signal(self, signum: int) -> None:
+        """SIGINT interrupts the kernel; other signals reach its process through the agent."""
+        if self.session_id is None or signum == 0:
+            return
+        if signum == signal.SIGINT:
+            await self._call("POST", f"/v1/sessions/{self.session_id}/interrupt")
+        elif signum == signal.SIGKILL:
+            await self.kill()
+        else:
+            name = signal.Signals(signum).name
+            await self._call("POST", f"/v1/sessions/{self.session_id}/signal", {"signal": name})
+
+    async def kill(self, restart: bool = False) -> None:
+        """Remove the kernel's container at once."""
+        await self._delete()
+
+    async def terminate(self, restart: bool = False) -> None:
+        """Ask the kernel to stop (SIGTERM reaches it through the container's init)."""
+        if self.session_id and await self.poll() is None:
+            try:
+                await self._call("POST", f"/v1/sessions/{self.session_id}/signal", {"signal": "SIGTERM"})
+            except LaunchError:
+                await self._delete()
+
+    async def _delete(self) -> None:
+        if self.session_id is None:
+            return
+        try:
+            await self._call("DELETE", f"/v1/sessions/{self.session_id}")
+        except LaunchError as e:
+            self.log.warning("could not end kernel session %s: %s", self.session_id, e)
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Work out the remote kernel's environment; the session is requested in launch_kernel."""
+        kwargs = await super().pre_launch(**kwargs)
+        local_env: dict[str, str] = kwargs.pop("env")
+        spec_env = set(self.kernel_spec.env or {})
+        remote = {
+            k: v
+            for k, v in local_env.items()
+            if k in spec_env or any(fnmatch.fnmatchcase(k, pat) for pat in self.forward_env)
+        }
+        kwargs["remote_env"] = remote
+        kwargs["cmd"] = list(self.kernel_spec.argv)
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Create a kernel session, wait for it to run, and return how to reach it."""
+        body = {
+            "image": self.image,
+            "resources": dict(self.resources),
+            "env": kwargs.get("remote_env", {}),
+            "name": f"jupyter:{self.kernel_id}",
+        }
+        if self._restart_of:
+            body["restart_of"] = self._restart_of
+            self._restart_of = None
+        model = await self._call("POST", "/v1/sessions", body)
+        self.session_id = model["id"]
+        sid = model["id"]
+        try:
+            w = await self.client.run(self.client.wait_for(sid, _running_or_over, timeout=self.launch_timeout))
+        except TimeoutError:
+            await self._delete()
+            self.session_id = None
+            raise LaunchError(
+                f"the kernel did not start within {self.launch_timeout:.0f} s "
+                f"(last state: {self._describe(sid)}); it was cancelled"
+            ) from None
+        if w.state != SessionState.RUNNING:
+            self.session_id = None
+            raise LaunchError(f"the kernel could not start: {w.event.get('reason') or w.event['state']}")
+        conn = dict(w.event["connection"])
+        conn["key"] = conn["key"].encode()
+        self.connection_info = conn
+        self.log.info("kernel session %s running on agent %s", sid, w.event.get("agent"))
+        return conn
+
+    def _describe(self, sid: str) -> str:
+        ev = self.client.cached_state(sid)
+        return f"{ev.get('state', 'unknown')} {ev.get('reason', '')}".strip()
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """End the session (if still alive) and stop following it."""
+        if self.session_id is None:
+            return
+        if await self.poll() is None:
+            await self._delete()
+        self.client.forget(self.session_id)
+        if restart:
+            self._restart_of = self.session_id
+        self.session_id = None
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info() or {}
+        info.update({"session_id": self.session_id, "image": self.image})
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.session_id = provisioner_info.get("session_id")
+        if self.session_id:
+            self.client.submit(self._rewatch(self.session_id))
+
+    async def _rewatch(self, sid: str) -> None:
+        self.client.watch(sid)
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        # Removing a container with published ports takes ~0.4 s; give the kernel its time.
+        return max(recommended, 3.0)
+
+
+def _over(w: SessionWatch) -> bool:
+    return w.state is not None and w.state.is_terminal
+
+
+def _running_or_over(w: SessionWatch) -> bool:
+    return w.state is not None and (w.state == SessionState.RUNNING or w.state.is_terminal)

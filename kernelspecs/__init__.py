@@ -1,0 +1,1 @@
+"""Kernelspec templates that name the Backend.AI provisioner."""
