@@ -1,0 +1,40 @@
+# One command runs it (make demo), one command tests it (make test).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BAI := $(VENV)/bin/backendai-jupyter
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint docker images kernelspecs clean
+
+setup: $(STAMP) docker images kernelspecs
+
+$(STAMP): pyproject.toml
+	@bash scripts/ensure-python.sh
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,lab]'
+	@touch $@
+
+docker:
+	@bash scripts/ensure-docker.sh
+
+images: $(STAMP) docker
+	$(BAI) images build
+
+kernelspecs: $(STAMP)
+	@$(BAI) kernelspecs install --sys-prefix >/dev/null
+	@$(VENV)/bin/jupyter server extension enable --sys-prefix backendai_jupyter >/dev/null 2>&1
+
+demo: setup
+	@bash scripts/demo.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check backendai_jupyter/common
+	$(VENV)/bin/mypy backendai_jupyter/common
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache
