@@ -65,7 +65,10 @@ def _waiting_reason(request: ResourceSlot, agents: list[AgentView]) -> str:
                 f"{format_amount(slot, request[slot])} {slot} requested, "
                 f"most free on any agent is {format_amount(slot, most_free)}"
             )
-    return "waiting: " + ("; ".join(parts) or "no single agent has room for all requested resources")
+    if not parts:
+        free = "; ".join(f"{a.id} has {a.free.describe()}" for a in agents[:3])
+        parts.append(f"no single agent has {request.describe()} free at once ({free})")
+    return "waiting: " + "; ".join(parts)
 
 
 def exceeds_every_agent(request: ResourceSlot, agents: list[AgentView]) -> str | None:

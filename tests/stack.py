@@ -1,0 +1,127 @@
+"""Running the real system for tests: `backendai-jupyter up` (or a gateway and agents) as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import requests
+
+from backendai_jupyter.common import signing
+from backendai_jupyter.common.clientconfig import ClientConfig
+
+BAI = str(Path(sys.executable).with_name("backendai-jupyter"))
+AGENT_LABEL = "io.backendai-jupyter.agent"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_line(proc: subprocess.Popen[str], log: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}):\n{log.read_text()}")
+        time.sleep(0.1)
+    raise TimeoutError(f"no {text!r} within {timeout} s:\n{log.read_text()}")
+
+
+@dataclass
+class Api:
+    """A signed /v1 client for tests."""
+
+    config: ClientConfig
+
+    def request(self, method: str, path: str, body: Any = None, *, sign: bool = True) -> requests.Response:
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json"}
+        if sign:
+            headers.update(signing.sign(self.config.access_key, self.config.secret_key, method, path, data))
+        return requests.request(method, self.config.url + path, data=data or None, headers=headers, timeout=60)
+
+    def __call__(self, method: str, path: str, body: Any = None) -> Any:
+        resp = self.request(method, path, body)
+        assert resp.status_code < 400, resp.text
+        return resp.json() if resp.content else None
+
+    def wait_state(self, sid: str, states: set[str], timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            model = self("GET", f"/v1/sessions/{sid}")
+            if model["state"] in states:
+                return model
+            time.sleep(0.1)
+        raise TimeoutError(f"session {sid} never reached {states}: {model}")
+
+
+@dataclass
+class Stack:
+    """A running `backendai-jupyter up` and what a test needs to reach it."""
+
+    proc: subprocess.Popen[str]
+    log: Path
+    url: str
+    client_config: Path
+    data_dir: Path
+    agent_id: str
+    api: Api
+
+    def containers(self, all_: bool = True) -> list[Any]:
+        client = docker.from_env()
+        return client.containers.list(all=all_, filters={"label": f"{AGENT_LABEL}={self.agent_id}"})
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        return self.proc.returncode
+
+
+def start_up(tmp: Path, agent_id: str, port_range: str, *extra: str) -> Stack:
+    """Start `backendai-jupyter up` in its own data directory and wait until it is ready."""
+    port = free_port()
+    cfg_path = tmp / "client.json"
+    log = tmp / "up.log"
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config")}
+    cmd = [
+        BAI, "up", "--port", str(port), "--data-dir", str(tmp / "data"),
+        f"--UpApp.client_config={cfg_path}", f"--Agent.agent_id={agent_id}",
+        f"--Agent.port_range={port_range}", *extra,
+    ]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, text=True)
+    wait_for_line(proc, log, "backendai-jupyter is up")
+    config = ClientConfig.load(cfg_path)
+    assert config is not None
+    return Stack(proc, log, config.url, cfg_path, tmp / "data", agent_id, Api(config))
+
+
+def remove_containers(agent_id: str) -> int:
+    client = docker.from_env()
+    found = client.containers.list(all=True, filters={"label": f"{AGENT_LABEL}={agent_id}"})
+    for c in found:
+        c.remove(force=True)
+    return len(found)

@@ -1,0 +1,99 @@
+"""The shared pieces: exact resource arithmetic, request signing, the state machine, placement."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from backendai_jupyter.common import signing
+from backendai_jupyter.common.slots import ResourceSlot, SlotError
+from backendai_jupyter.common.states import SessionState, is_forward
+from backendai_jupyter.gateway.scheduler import AgentView, exceeds_every_agent, first_fit
+
+
+def test_sizes_parse_to_exact_bytes_and_cpu_stays_decimal():
+    slots = ResourceSlot.parse({"cpu": "0.1", "mem": "1.5g"})
+    assert slots["mem"] == Decimal(3 * 2**29)
+    assert slots["cpu"] == Decimal("0.1")
+    three = slots + slots + slots
+    assert three["cpu"] == Decimal("0.3")  # no float drift
+    assert three.to_json() == {"cpu": "0.3", "mem": str(9 * 2**29)}
+
+
+@pytest.mark.parametrize("bad", [{"mem": "lots"}, {"cpu": "-1"}, {"cpu": True}, {"BAD NAME": 1}, {"cpu": "nan"}])
+def test_bad_amounts_are_refused_with_the_slot_named(bad):
+    with pytest.raises(SlotError) as e:
+        ResourceSlot.parse(bad)
+    assert list(bad)[0].split()[0].lower() in str(e.value).lower()
+
+
+def test_clamp_and_shortfall():
+    req = ResourceSlot.parse({"cpu": 8, "mem": "64g"})
+    assert req.clamp(ResourceSlot.parse({"cpu": 4})) == ResourceSlot.parse({"cpu": 4, "mem": "64g"})
+    assert req.shortfall(ResourceSlot.parse({"cpu": 16, "mem": "8g"})) == ["mem"]
+
+
+def test_signature_covers_method_path_and_body():
+    ak, sk = signing.new_keypair()
+    h = signing.sign(ak, sk, "POST", "/v1/sessions", b'{"image": "x"}')
+    got_ak, sig = signing.parse_authorization(h["Authorization"])
+    assert got_ak == ak
+    signing.verify(sk, sig, "POST", "/v1/sessions", h[signing.DATE_HEADER], b'{"image": "x"}')
+    for method, path, body in [
+        ("DELETE", "/v1/sessions", b'{"image": "x"}'),
+        ("POST", "/v1/agents", b'{"image": "x"}'),
+        ("POST", "/v1/sessions", b'{"image": "y"}'),
+    ]:
+        with pytest.raises(signing.SignatureError):
+            signing.verify(sk, sig, method, path, h[signing.DATE_HEADER], body)
+    with pytest.raises(signing.SignatureError):
+        signing.verify("other-secret", sig, "POST", "/v1/sessions", h[signing.DATE_HEADER], b'{"image": "x"}')
+
+
+def test_stale_dates_are_refused():
+    ak, sk = signing.new_keypair()
+    h = signing.sign(ak, sk, "GET", "/v1/sessions")
+    _, sig = signing.parse_authorization(h["Authorization"])
+    with pytest.raises(signing.SignatureError, match="5 minutes"):
+        signing.verify(sk, sig, "GET", "/v1/sessions", "2020-01-01T00:00:00+00:00", b"")
+
+
+def test_states_only_move_forward():
+    assert is_forward(SessionState.PENDING, SessionState.SCHEDULED)
+    assert is_forward(SessionState.RUNNING, SessionState.ERROR)
+    assert not is_forward(SessionState.RUNNING, SessionState.CREATING)
+    assert not is_forward(SessionState.TERMINATED, SessionState.RUNNING)
+
+
+def _agent(aid: str, cpu: str, mem: str, used_cpu: str = "0", used_mem: str = "0") -> AgentView:
+    return AgentView(
+        aid,
+        ResourceSlot.parse({"cpu": cpu, "mem": mem}),
+        ResourceSlot.parse({"cpu": used_cpu, "mem": used_mem}),
+        frozenset({"img:latest"}),
+    )
+
+
+def test_first_fit_places_on_the_first_agent_with_room_and_says_why_it_waits():
+    req = ResourceSlot.parse({"cpu": 2, "mem": "4g"})
+    agents = [_agent("a", "4", "8g", used_cpu="3"), _agent("b", "4", "8g")]
+    assert first_fit(req, "img", agents).agent_id == "b"
+    assert first_fit(req, "img", agents, prefer="a").agent_id == "b"
+    busy = [_agent("a", "4", "8g", used_cpu="3"), _agent("b", "4", "8g", used_cpu="3", used_mem="6g")]
+    decision = first_fit(req, "img", busy)
+    assert decision.agent_id is None
+    assert decision.reason == "waiting: 2 cpu requested, most free on any agent is 1"
+    split = [_agent("a", "4", "8g", used_cpu="3"), _agent("b", "4", "8g", used_mem="6g")]
+    assert first_fit(req, "img", split).reason == (
+        "waiting: no single agent has cpu 2, mem 4 GiB free at once "
+        "(a has cpu 1, mem 8 GiB; b has cpu 4, mem 2 GiB)"
+    )
+    assert first_fit(req, "other", agents).reason == "waiting: no connected agent has the image other"
+
+
+def test_a_request_larger_than_every_agent_names_the_resource():
+    agents = [_agent("a", "4", "8g"), _agent("b", "2", "16g")]
+    assert exceeds_every_agent(ResourceSlot.parse({"cpu": 2, "mem": "12g"}), agents) is None
+    msg = exceeds_every_agent(ResourceSlot.parse({"mem": "64g"}), agents)
+    assert msg == "requested 64 GiB mem, but the largest agent has 16 GiB"
