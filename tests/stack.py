@@ -125,3 +125,15 @@ def remove_containers(agent_id: str) -> int:
     for c in found:
         c.remove(force=True)
     return len(found)
+
+
+def eventually(check: Any, timeout: float = 15, interval: float = 0.1) -> Any:
+    """Wait until ``check()`` is truthy and return it; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout} s: {check}")
+        time.sleep(interval)

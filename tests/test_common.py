@@ -96,4 +96,6 @@ def test_a_request_larger_than_every_agent_names_the_resource():
     agents = [_agent("a", "4", "8g"), _agent("b", "2", "16g")]
     assert exceeds_every_agent(ResourceSlot.parse({"cpu": 2, "mem": "12g"}), agents) is None
     msg = exceeds_every_agent(ResourceSlot.parse({"mem": "64g"}), agents)
-    assert msg == "requested 64 GiB mem, but the largest agent has 16 GiB"
+    assert msg == (
+        "requested 64 GiB mem, but the largest agent has 16 GiB: ask for at most that"
+    )

@@ -82,6 +82,6 @@ def exceeds_every_agent(request: ResourceSlot, agents: list[AgentView]) -> str |
         if request[slot] > largest:
             return (
                 f"requested {format_amount(slot, request[slot])} {slot}, but the largest agent "
-                f"has {format_amount(slot, largest)}"
+                f"has {format_amount(slot, largest)}: ask for at most that"
             )
     return "no single agent has all the requested resources at once"

@@ -142,8 +142,8 @@ class BackendAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def send_signal(self, signum: int) -> None:
         """SIGINT interrupts the kernel; other signals reach its process through the agent."""
-        if self.session_id is None or signum == 0:
-            return
+        if self.session_id is None or signum == 0 or await self.poll() is not None:
+            return  # nothing to signal: jupyter_client interrupts even dead kernels on shutdown
         if signum == signal.SIGINT:
             await self._call("POST", f"/v1/sessions/{self.session_id}/interrupt")
         elif signum == signal.SIGKILL:
