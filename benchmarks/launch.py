@@ -46,6 +46,7 @@ import json
 import math
 import os
 import queue
+import signal
 import socket
 import sys
 import tempfile
@@ -73,6 +74,7 @@ LAUNCH_TARGET_RATIO = 1.15
 RTT_TARGET_RATIO = 1.05
 
 FLOOR_LABEL = "io.backendai-jupyter.benchmark"
+FLOOR_RUN_LABEL = "io.backendai-jupyter.benchmark-run"
 RESEND_INTERVAL = 0.05
 LAUNCH_PHASES = ("PENDING", "SCHEDULED", "PREPARING", "CREATING", "RUNNING")
 
@@ -200,8 +202,29 @@ def launch_ours(kernel_name: str, gw: GatewayClient, timeout: float) -> tuple[fl
     finally:
         if kc is not None:
             kc.stop_channels()
+        end_kernel(km, gw)
+
+
+def end_kernel(km: KernelManager, gw: GatewayClient) -> None:
+    """Shut the kernel down; when jupyter_client cannot (say, its start was interrupted),
+    end the kernel's session at the gateway directly."""
+    try:
         if km.has_kernel:
             km.shutdown_kernel()
+            return
+    except Exception as e:
+        log(f"kernel shutdown through jupyter_client failed ({e!r}); ending its session directly")
+    # The provisioner names the session after the kernel. A POST that was still in flight when
+    # the start was interrupted completes on the gateway client's own thread: give it a moment.
+    time.sleep(0.5)
+    name = f"jupyter:{km.kernel_id}"
+    try:
+        found = gw.submit(gw.request("GET", "/v1/sessions?active=1", timeout=10)).result(timeout=15)
+        for s in found["sessions"]:
+            if s["name"] == name:
+                gw.submit(gw.request("DELETE", f"/v1/sessions/{s['id']}", timeout=30)).result(timeout=35)
+    except (ApiError, TimeoutError) as e:
+        log(f"warning: could not end the kernel session {name}: {e}")
 
 
 def _wait_reply(kc: BlockingKernelClient, msg_id: str, msg_type: str, timeout: float) -> dict[str, Any]:
@@ -253,7 +276,12 @@ def _phases(gw: GatewayClient, km: KernelManager, wall0: float, wall_started: fl
 
 
 def launch_floor(
-    client: docker.DockerClient, image: str, argv: list[str], workdir: Path, timeout: float
+    client: docker.DockerClient,
+    image: str,
+    argv: list[str],
+    workdir: Path,
+    labels: dict[str, str],
+    timeout: float,
 ) -> tuple[float, float]:
     """One bare ``docker run`` of the image; (seconds to kernel_info_reply, seconds in the run call)."""
     ports = dict(zip(CONTAINER_PORTS, free_ports(len(CONTAINER_PORTS)), strict=True))
@@ -274,14 +302,14 @@ def launch_floor(
             f,
         )
     os.chmod(conn_file, 0o644)
-    container = None
+    name = f"bai-bench-floor-{uuid.uuid4().hex[:12]}"
     try:
         t0 = time.perf_counter()
-        container = client.containers.run(
+        client.containers.run(
             image,
             command=argv,
-            name=f"bai-bench-floor-{uuid.uuid4().hex[:12]}",
-            labels={FLOOR_LABEL: "launch-floor"},
+            name=name,
+            labels=labels,
             ports={f"{CONTAINER_PORTS[ch]}/tcp": ("127.0.0.1", port) for ch, port in ports.items()},
             volumes={str(conn_file): {"bind": CONNECTION_FILE_IN_CONTAINER, "mode": "ro"}},
             user="1000:1000",
@@ -292,12 +320,19 @@ def launch_floor(
         t1 = time.perf_counter()
         return t1 - t0, t_run - t0
     finally:
-        if container is not None:
-            try:
-                container.remove(force=True)
-            except docker.errors.NotFound:
-                pass
+        # By name: the container exists even when the run call itself was interrupted.
+        remove_container(client, name)
         conn_file.unlink(missing_ok=True)
+
+
+def remove_container(client: docker.DockerClient, name: str) -> None:
+    try:
+        client.api.remove_container(name, force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as e:
+        if e.status_code != 409:  # 409: its removal is already under way
+            raise
 
 
 def _probe_kernel_info(shell_port: int, key: str, deadline: float) -> None:
@@ -343,7 +378,7 @@ def execute_rtt(kc: BlockingKernelClient, n: int, timeout: float) -> list[float]
 
 
 def measure_rtt(
-    kernel_name: str, n: int, warmup: int, block: int, timeout: float
+    kernel_name: str, gw: GatewayClient, n: int, warmup: int, block: int, timeout: float
 ) -> tuple[list[float], list[float]]:
     """(ours, floor) round trips on one kernel, alternating in blocks."""
     km = KernelManager(kernel_name=kernel_name)
@@ -372,11 +407,52 @@ def measure_rtt(
     finally:
         for kc in clients:
             kc.stop_channels()
-        if km.has_kernel:
-            km.shutdown_kernel()
+        end_kernel(km, gw)
 
 
 # -- main -------------------------------------------------------------------------------------
+
+
+def measure_launches(
+    args: argparse.Namespace, gw: GatewayClient, client: docker.DockerClient, image: str, argv: list[str]
+) -> tuple[list[float], list[float], list[float], list[dict[str, float]]]:
+    """(ours, floor, floor run-call, our phases) over the launches, ours and the floor alternating."""
+    ours: list[float] = []
+    floor: list[float] = []
+    floor_run: list[float] = []
+    phases: list[dict[str, float]] = []
+    run_id = uuid.uuid4().hex[:12]
+    labels = {FLOOR_LABEL: "launch-floor", FLOOR_RUN_LABEL: run_id}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bai-bench-") as tmp:
+            total = args.warmup_launches + args.launches
+            for i in range(total):
+                warm = i < args.warmup_launches
+                order = ("ours", "floor") if i % 2 == 0 else ("floor", "ours")
+                got: dict[str, float] = {}
+                for which in order:
+                    if which == "ours":
+                        took, where = launch_ours(args.kernel_name, gw, args.timeout)
+                        if not warm:
+                            phases.append(where)
+                    else:
+                        took, run_call = launch_floor(client, image, argv, Path(tmp), labels, args.timeout)
+                        if not warm:
+                            floor_run.append(run_call)
+                    got[which] = took
+                    time.sleep(args.pause)
+                line = f"ours {ms(got['ours'])} ms, floor {ms(got['floor'])} ms"
+                if warm:
+                    log(f"warm-up launch: {line}")
+                else:
+                    ours.append(got["ours"])
+                    floor.append(got["floor"])
+                    log(f"launch {i - args.warmup_launches + 1}/{args.launches}: {line}")
+    finally:
+        # A create the daemon was still working on when we gave up would otherwise survive.
+        for c in client.containers.list(all=True, filters={"label": f"{FLOOR_RUN_LABEL}={run_id}"}):
+            remove_container(client, c.name)
+    return ours, floor, floor_run, phases
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -390,39 +466,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     argv = image_argv(client, image)
     log(f"kernel {args.kernel_name!r}, image {image}, floor argv {argv}")
 
-    ours: list[float] = []
-    floor: list[float] = []
-    floor_run: list[float] = []
-    phases: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory(prefix="bai-bench-") as tmp:
-        workdir = Path(tmp)
-        total = args.warmup_launches + args.launches
-        for i in range(total):
-            warm = i < args.warmup_launches
-            order = ("ours", "floor") if i % 2 == 0 else ("floor", "ours")
-            got: dict[str, float] = {}
-            for which in order:
-                if which == "ours":
-                    took, where = launch_ours(args.kernel_name, gw, args.timeout)
-                    if not warm:
-                        phases.append(where)
-                else:
-                    took, run_call = launch_floor(client, image, argv, workdir, args.timeout)
-                    if not warm:
-                        floor_run.append(run_call)
-                got[which] = took
-                time.sleep(args.pause)
-            if warm:
-                log(f"warm-up launch: ours {ms(got['ours'])} ms, floor {ms(got['floor'])} ms")
-            else:
-                ours.append(got["ours"])
-                floor.append(got["floor"])
-                n = i - args.warmup_launches + 1
-                log(f"launch {n}/{args.launches}: ours {ms(got['ours'])} ms, floor {ms(got['floor'])} ms")
+    ours, floor, floor_run, phases = measure_launches(args, gw, client, image, argv)
 
     log(f"execute round trips: {args.rtt} per client after {args.rtt_warmup} warm-ups")
     rtt_ours, rtt_floor = measure_rtt(
-        args.kernel_name, args.rtt, args.rtt_warmup, args.rtt_block, args.timeout
+        args.kernel_name, gw, args.rtt, args.rtt_warmup, args.rtt_block, args.timeout
     )
 
     launch_p50, floor_p50 = percentile(ours, 0.5), percentile(floor, 0.5)
@@ -488,8 +536,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM cleans up like Ctrl-C does: kernels shut down, floor containers removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run(args)
     except (BenchmarkError, LaunchError) as e:

@@ -102,12 +102,14 @@ async def test_container_killed_from_outside_is_noticed_and_the_restarter_recove
                 break
             await asyncio.sleep(0.1)
         assert restarts == ["restart"]
-        new_sid = km.provisioner.session_id
-        assert stack.api("GET", f"/v1/sessions/{new_sid}")["state"] == "RUNNING"
-        kc = km.blocking_client()
+        await km.ready  # the restart (a new start) has finished
+        assert stack.api("GET", f"/v1/sessions/{km.provisioner.session_id}")["state"] == "RUNNING"
+        kc = km.client()
         kc.start_channels()
-        kc.wait_for_ready(timeout=60)
-        assert stdout(run(kc, "print('back')")[1]) == "back\n"
+        await kc.wait_for_ready(timeout=60)
+        outputs: list = []
+        await kc.execute_interactive("print('back')", output_hook=outputs.append, timeout=30)
+        assert stdout(outputs) == "back\n"
         kc.stop_channels()
     finally:
         await km.shutdown_kernel(now=True)

@@ -19,7 +19,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Dict, Float, List, Unicode, default
 
 from ..common.clientconfig import ClientConfig, default_path
-from ..common.errors import ApiError
+from ..common.errors import ApiError, Conflict
 from ..common.states import SessionState
 from .client import GatewayClient, SessionWatch
 
@@ -144,13 +144,21 @@ class BackendAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """SIGINT interrupts the kernel; other signals reach its process through the agent."""
         if self.session_id is None or signum == 0 or await self.poll() is not None:
             return  # nothing to signal: jupyter_client interrupts even dead kernels on shutdown
-        if signum == signal.SIGINT:
-            await self._call("POST", f"/v1/sessions/{self.session_id}/interrupt")
-        elif signum == signal.SIGKILL:
+        if signum == signal.SIGKILL:
             await self.kill()
-        else:
-            name = signal.Signals(signum).name
-            await self._call("POST", f"/v1/sessions/{self.session_id}/signal", {"signal": name})
+            return
+        try:
+            if signum == signal.SIGINT:
+                await self.client.run(self.client.request("POST", f"/v1/sessions/{self.session_id}/interrupt"))
+            else:
+                name = signal.Signals(signum).name
+                path = f"/v1/sessions/{self.session_id}/signal"
+                await self.client.run(self.client.request("POST", path, {"signal": name}))
+        except Conflict as e:
+            # Not running (still starting, or just ended): there is no process to signal.
+            self.log.warning("signal %s not delivered: %s", signum, e.title)
+        except ApiError as e:
+            raise LaunchError(e.title) from None
 
     async def kill(self, restart: bool = False) -> None:
         """Remove the kernel's container at once."""

@@ -110,18 +110,32 @@ class DockerBackend(ContainerBackend):
         if mem > 0:
             kwargs["mem_limit"] = mem
             kwargs["memswap_limit"] = mem
+
+        def create_and_start() -> str:
+            try:
+                container = self.client.containers.create(**kwargs)
+            except docker.errors.ImageNotFound:
+                raise BackendError(f"image {launch.image} is not on this agent") from None
+            except docker.errors.APIError as e:
+                raise BackendError(f"could not create the container: {e.explanation or e}") from None
+            try:
+                container.start()
+            except docker.errors.APIError as e:
+                container.remove(force=True)
+                raise BackendError(f"could not start the container: {e.explanation or e}") from None
+            return str(container.id)
+
+        # A thread cannot be cancelled: if the launch is, wait for the container and remove it,
+        # so a kernel ended while starting never leaves a container behind.
+        work = asyncio.ensure_future(asyncio.to_thread(create_and_start))
         try:
-            container = await self._run(self.client.containers.create, **kwargs)
-        except docker.errors.ImageNotFound:
-            raise BackendError(f"image {launch.image} is not on this agent") from None
-        except docker.errors.APIError as e:
-            raise BackendError(f"could not create the container: {e.explanation or e}") from None
-        try:
-            await self._run(container.start)
-        except docker.errors.APIError as e:
-            await self.destroy(container.id)
-            raise BackendError(f"could not start the container: {e.explanation or e}") from None
-        return str(container.id)
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            try:
+                await self.destroy(await work)
+            except BackendError:
+                pass
+            raise
 
     async def destroy(self, container_id: str) -> None:
         def _remove() -> None:
