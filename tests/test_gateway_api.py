@@ -1,0 +1,172 @@
+"""The gateway's /v1 API driven directly: authentication, validation, events, agents, status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tornado import httpclient, websocket
+
+from backendai_jupyter.common import signing
+
+from .stack import Stack, eventually
+
+pytestmark = pytest.mark.docker
+IMAGE = "backendai-jupyter/python"
+
+
+def test_requests_without_valid_signature_get_401_json(stack: Stack):
+    api = stack.api
+    for resp in [
+        api.request("GET", "/v1/sessions", sign=False),
+        api.request("POST", "/v1/sessions", {"image": IMAGE}, sign=False),
+        api.request("GET", "/v1/agents", sign=False),
+    ]:
+        assert resp.status_code == 401
+        assert resp.headers["Content-Type"].startswith("application/json")
+        assert resp.json()["type"] == "unauthorized"
+    forged = signing.sign(api.config.access_key, "not-the-secret", "GET", "/v1/sessions")
+    resp = api.request("GET", "/v1/sessions", sign=False)
+    import requests
+
+    resp = requests.get(stack.url + "/v1/sessions", headers=forged, timeout=10)
+    assert resp.status_code == 401 and resp.json()["title"] == "signature does not match"
+    unknown = signing.sign("AKNOSUCHKEY", "x", "GET", "/v1/sessions")
+    resp = requests.get(stack.url + "/v1/sessions", headers=unknown, timeout=10)
+    assert resp.status_code == 401 and resp.json()["title"] == "unknown access key"
+    # A signature is bound to its body: replaying it with another body fails.
+    good = signing.sign(api.config.access_key, api.config.secret_key, "POST", "/v1/sessions", b'{"image": "a"}')
+    resp = requests.post(stack.url + "/v1/sessions", data=b'{"image": "b"}', headers=good, timeout=10)
+    assert resp.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (json.dumps({}).encode(), "image is required"),
+        (json.dumps({"image": IMAGE, "env": {"A": "x\ny"}}).encode(), "without NUL or newlines"),
+        (json.dumps({"image": IMAGE, "env": {"1BAD": "x"}}).encode(), "not a valid variable name"),
+        (json.dumps({"image": IMAGE, "env": ["A=1"]}).encode(), "env must be an object"),
+        (json.dumps({"image": IMAGE, "env": {"A": "x" * 5000}}).encode(), "at most 4096"),
+        (json.dumps({"image": IMAGE, "resources": {"cpu": "many"}}).encode(), "resources: cpu"),
+    ],
+)
+def test_bad_bodies_get_4xx_json_and_create_nothing(stack: Stack, body: bytes, fragment: str):
+    import requests
+
+    before = stack.api("GET", "/v1/sessions")["sessions"]
+    headers = signing.sign(stack.api.config.access_key, stack.api.config.secret_key, "POST", "/v1/sessions", body)
+    resp = requests.post(stack.url + "/v1/sessions", data=body, headers=headers, timeout=10)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["type"] == "invalid-request"
+    assert fragment in resp.json()["title"]
+    assert stack.api("GET", "/v1/sessions")["sessions"] == before
+
+
+def test_unknown_session_is_404_json(stack: Stack):
+    resp = stack.api.request("GET", "/v1/sessions/00000000-0000-0000-0000-000000000000")
+    assert resp.status_code == 404 and resp.json()["type"] == "not-found"
+    resp = stack.api.request("GET", "/v1/no-such-thing")
+    assert resp.status_code == 404 and resp.headers["Content-Type"].startswith("application/json")
+
+
+async def _events(stack: Stack, sid: str, until: set[str]) -> list[dict]:
+    path = f"/v1/sessions/{sid}/events"
+    cfg = stack.api.config
+    req = httpclient.HTTPRequest(
+        stack.url.replace("http", "ws", 1) + path, headers=signing.sign(cfg.access_key, cfg.secret_key, "GET", path)
+    )
+    conn = await websocket.websocket_connect(req)
+    events = []
+    while True:
+        raw = await conn.read_message()
+        assert raw is not None, events
+        events.append(json.loads(raw))
+        if events[-1]["state"] in until:
+            conn.close()
+            return events
+
+
+async def test_event_stream_shows_each_state_change_of_a_launch(stack: Stack):
+    model = stack.api("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cpu": "0.5", "mem": "512m"}})
+    assert model["state"] == "PENDING"
+    events = await _events(stack, model["id"], {"RUNNING", "ERROR"})
+    states = [e["state"] for e in events]
+    assert states[-1] == "RUNNING", events
+    # The stream starts from the current state, then every later change, in order.
+    order = ["PENDING", "SCHEDULED", "PREPARING", "CREATING", "RUNNING"]
+    assert states == order[order.index(states[0]):]
+    running = events[-1]
+    assert set(running["connection"]) >= {"ip", "key", "shell_port", "iopub_port", "stdin_port", "control_port",
+                                           "hb_port", "transport", "signature_scheme"}
+    agents = stack.api("GET", "/v1/agents")["agents"]
+    me = next(a for a in agents if a["id"] == stack.agent_id)
+    assert me["used"]["cpu"] == "0.5" and me["used"]["mem"] == str(512 * 2**20)
+    stack.api("DELETE", f"/v1/sessions/{model['id']}")
+    events = await _events(stack, model["id"], {"TERMINATED"})
+    assert events[-1]["state"] == "TERMINATED"
+    me = next(a for a in stack.api("GET", "/v1/agents")["agents"] if a["id"] == stack.agent_id)
+    assert me["used"].get("cpu", "0") == "0"
+
+
+def test_interrupt_and_restart_through_v1(stack: Stack):
+    from jupyter_client.blocking.client import BlockingKernelClient
+
+    sid = stack.api("POST", "/v1/sessions", {"image": IMAGE})["id"]
+    try:
+        model = stack.api.wait_state(sid, {"RUNNING"})
+        first = next(c.id for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid)
+        kc = BlockingKernelClient()
+        kc.load_connection_info(model["connection"])
+        kc.start_channels()
+        kc.wait_for_ready(timeout=30)
+        kc.execute("import time; time.sleep(60)")
+        eventually(lambda: stack.api.request("POST", f"/v1/sessions/{sid}/interrupt").status_code == 204)
+        reply = kc.get_shell_msg(timeout=10)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        restarted = stack.api("POST", f"/v1/sessions/{sid}/restart")
+        assert restarted["state"] == "RUNNING"
+        assert restarted["connection"] == model["connection"]
+        second = next(c.id for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid)
+        assert second != first
+        kc.wait_for_ready(timeout=30)
+        kc.stop_channels()
+        bad = stack.api.request("POST", f"/v1/sessions/{sid}/signal", {"signal": "SIGSTOP"})
+        assert bad.status_code == 400 and "signal must be one of" in bad.json()["title"]
+    finally:
+        stack.api("DELETE", f"/v1/sessions/{sid}")
+    assert stack.api("GET", f"/v1/sessions/{sid}")["state"] == "TERMINATED"
+    conflict = stack.api.request("POST", f"/v1/sessions/{sid}/interrupt")
+    assert conflict.status_code == 409
+
+
+def test_status_command_shows_agents_sessions_and_config(stack: Stack):
+    sid = stack.api("POST", "/v1/sessions", {"image": IMAGE})["id"]
+    try:
+        stack.api.wait_state(sid, {"RUNNING"})
+        bai = str(Path(sys.executable).with_name("backendai-jupyter"))
+        env = {"BACKENDAI_CLIENT_CONFIG": str(stack.client_config), "PATH": str(Path(sys.executable).parent)}
+        out = subprocess.run([bai, "status", "--json"], capture_output=True, text=True, env=env, check=True)
+        status = json.loads(out.stdout)
+        assert status["gateway"] == stack.url
+        assert status["client_config"] == str(stack.client_config)
+        assert [a["id"] for a in status["agents"]] == [stack.agent_id]
+        assert status["agents"][0]["status"] == "ALIVE"
+        assert sid in [s["id"] for s in status["sessions"]]
+        human = subprocess.run([bai, "status"], capture_output=True, text=True, env=env, check=True).stdout
+        assert stack.url in human and stack.agent_id in human and sid in human
+    finally:
+        stack.api("DELETE", f"/v1/sessions/{sid}")
+
+
+def test_status_without_a_gateway_says_how_to_start_one(tmp_path: Path):
+    bai = str(Path(sys.executable).with_name("backendai-jupyter"))
+    env = {"BACKENDAI_CLIENT_CONFIG": str(tmp_path / "none.json")}
+    out = subprocess.run([bai, "status"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1
+    assert "backendai-jupyter up" in out.stderr

@@ -1,0 +1,138 @@
+"""Process-level behaviour: Ctrl-C on `up`, agents that restart or vanish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+
+from backendai_jupyter.common.clientconfig import ClientConfig
+
+from .stack import BAI, AGENT_LABEL, Api, eventually, free_port, port_is_free, remove_containers, start_up, wait_for_line
+
+pytestmark = pytest.mark.docker
+IMAGE = "backendai-jupyter/python"
+
+
+def _kernel_client(connection: dict) -> BlockingKernelClient:
+    kc = BlockingKernelClient()
+    kc.load_connection_info(connection)
+    kc.start_channels()
+    kc.wait_for_ready(timeout=30)
+    return kc
+
+
+def test_ctrl_c_on_up_shuts_down_its_kernels_and_exits_cleanly(tmp_path: Path, docker_engine):
+    s = start_up(tmp_path, "test-ctrl-c", "31500-31599")
+    try:
+        sids = [s.api("POST", "/v1/sessions", {"image": IMAGE})["id"] for _ in range(2)]
+        models = [s.api.wait_state(sid, {"RUNNING"}) for sid in sids]
+        assert len(s.containers()) == 2
+        ports = [v for m in models for k, v in m["connection"].items() if k.endswith("_port")]
+        start = time.monotonic()
+        assert s.stop(signal.SIGINT) == 0
+        assert time.monotonic() - start < 15
+        assert s.containers() == []
+        assert all(port_is_free(p) for p in ports)
+    finally:
+        s.stop(signal.SIGKILL)
+        remove_containers("test-ctrl-c")
+
+
+class Cluster:
+    """A gateway and an agent as separate processes, the way several hosts would run them."""
+
+    def __init__(self, tmp: Path, agent_id: str, port_range: str, *gateway_args: str) -> None:
+        self.tmp, self.agent_id, self.port_range = tmp, agent_id, port_range
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log = tmp / "gateway.log"
+        self.gateway = subprocess.Popen(
+            [BAI, "gateway", "--port", str(self.port), "--data-dir", str(tmp / "gw"), *gateway_args],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+        )
+        wait_for_line(self.gateway, log, "gateway ready")
+        keys = json.loads((tmp / "gw" / "admin-keypair.json").read_text())
+        self.api = Api(ClientConfig(self.url, keys["access_key"], keys["secret_key"]))
+        self.agent: subprocess.Popen[str] | None = None
+        self.agent_runs = 0
+
+    def start_agent(self) -> None:
+        self.agent_runs += 1
+        log = self.tmp / f"agent{self.agent_runs}.log"
+        env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
+        self.agent = subprocess.Popen(
+            [BAI, "agent", f"--gateway-url={self.url}", f"--id={self.agent_id}", f"--port-range={self.port_range}",
+             f"--state-dir={self.tmp / 'agent'}"],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        wait_for_line(self.agent, log, "registered with the gateway")
+
+    def agent_status(self) -> str:
+        return next(a["status"] for a in self.api("GET", "/v1/agents")["agents"] if a["id"] == self.agent_id)
+
+    def close(self) -> None:
+        for p in (self.agent, self.gateway):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                p.wait(30)
+        remove_containers(self.agent_id)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, docker_engine):
+    c = Cluster(tmp_path, "test-cluster", "31600-31699", "--Gateway.heartbeat_interval=0.5",
+                "--Gateway.heartbeat_timeout=3")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_a_restarted_agent_readopts_its_running_kernels(cluster: Cluster):
+    cluster.start_agent()
+    sid = cluster.api("POST", "/v1/sessions", {"image": IMAGE})["id"]
+    model = cluster.api.wait_state(sid, {"RUNNING"})
+    kc = _kernel_client(model["connection"])
+    kc.execute_interactive("state = 'kept'", timeout=30)
+    assert cluster.agent is not None
+    cluster.agent.send_signal(signal.SIGKILL)  # the agent dies; its kernel must not
+    cluster.agent.wait(10)
+    cluster.start_agent()
+    assert cluster.api("GET", f"/v1/sessions/{sid}")["state"] == "RUNNING"
+    outputs: list = []
+    kc.execute_interactive("print(state)", output_hook=outputs.append, timeout=30)
+    assert [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"] == ["kept\n"]
+    kc.stop_channels()
+    cluster.api("DELETE", f"/v1/sessions/{sid}")
+    assert not [c for c in cluster_containers(cluster) if c.labels["io.backendai-jupyter.session"] == sid]
+
+
+def cluster_containers(cluster: Cluster) -> list:
+    import docker
+
+    return docker.from_env().containers.list(all=True, filters={"label": f"{AGENT_LABEL}={cluster.agent_id}"})
+
+
+def test_an_agent_that_stops_heartbeating_is_lost_with_its_kernels(cluster: Cluster):
+    cluster.start_agent()
+    sid = cluster.api("POST", "/v1/sessions", {"image": IMAGE})["id"]
+    cluster.api.wait_state(sid, {"RUNNING"})
+    assert cluster.agent is not None
+    cluster.agent.send_signal(signal.SIGKILL)
+    cluster.agent.wait(10)
+    start = time.monotonic()
+    model = cluster.api.wait_state(sid, {"LOST"}, timeout=15)
+    assert time.monotonic() - start < 6  # heartbeat timeout 3 s, checked several times a second
+    assert "no heartbeat" in model["reason"]
+    assert cluster.agent_status() == "LOST"
+    # When the agent comes back, the kernel the gateway gave up on is removed, not left running.
+    cluster.start_agent()
+    assert cluster.agent_status() == "ALIVE"
+    eventually(lambda: not cluster_containers(cluster))
