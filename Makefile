@@ -23,7 +23,9 @@ images: $(STAMP) docker
 
 kernelspecs: $(STAMP)
 	@$(BAI) kernelspecs install --sys-prefix >/dev/null
-	@$(VENV)/bin/jupyter server extension enable --sys-prefix backendai_jupyter >/dev/null 2>&1
+	@# Editable installs skip data files: put the extension's auto-enable file in place here.
+	@install -D -m 644 jupyter-config/backendai_jupyter.json \
+		$(VENV)/etc/jupyter/jupyter_server_config.d/backendai_jupyter.json
 
 demo: setup
 	@bash scripts/demo.sh
