@@ -32,8 +32,8 @@ demo: setup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check backendai_jupyter/common
-	$(VENV)/bin/mypy backendai_jupyter/common
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy backendai_jupyter/common backendai_jupyter/provisioner backendai_jupyter/agent/backends/base.py
 
 test: setup lint
 	$(VENV)/bin/pytest

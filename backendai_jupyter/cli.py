@@ -49,8 +49,12 @@ class GatewayApp(_Service):
     name = "backendai-jupyter gateway"
     description = "Run the gateway (manager + API): REST /v1, the scheduler, the agent registry."
     classes = [Gateway]
-    aliases = {"ip": "Gateway.ip", "port": "Gateway.port", "data-dir": "Gateway.data_dir",
-               "db-url": "Gateway.db_url"}
+    aliases = {
+        "ip": "Gateway.ip",
+        "port": "Gateway.port",
+        "data-dir": "Gateway.data_dir",
+        "db-url": "Gateway.db_url",
+    }
 
     def start(self) -> None:
         gw = Gateway(parent=self)
@@ -66,9 +70,15 @@ class AgentApp(_Service):
     name = "backendai-jupyter agent"
     description = "Run an agent: start kernel containers on this host for the gateway."
     classes = [Agent]
-    aliases = {"gateway-url": "Agent.gateway_url", "id": "Agent.agent_id", "host": "Agent.advertised_host",
-               "port-range": "Agent.port_range", "state-dir": "Agent.state_dir", "cpu": "Agent.cpu",
-               "mem": "Agent.mem"}
+    aliases = {
+        "gateway-url": "Agent.gateway_url",
+        "id": "Agent.agent_id",
+        "host": "Agent.advertised_host",
+        "port-range": "Agent.port_range",
+        "state-dir": "Agent.state_dir",
+        "cpu": "Agent.cpu",
+        "mem": "Agent.mem",
+    }
 
     def start(self) -> None:
         agent = Agent(parent=self)
@@ -120,23 +130,31 @@ class StatusApp(Application):
     flags = {"json": ({"StatusApp": {"json_output": True}}, "Print JSON.")}
 
     def start(self) -> None:
-        from .provisioner.client import GatewayClient
         from .common.errors import ApiError
+        from .provisioner.client import GatewayClient
 
         path = default_path()
         cfg = ClientConfig.load(path)
         if cfg is None:
-            print(f"No client config at {path}: start the gateway with `backendai-jupyter up`.", file=sys.stderr)
+            print(
+                f"No client config at {path}: start the gateway with `backendai-jupyter up`.", file=sys.stderr
+            )
             self.exit(1)
         client = GatewayClient.instance(cfg)
         try:
             agents = client.submit(client.request("GET", "/v1/agents", timeout=10)).result()["agents"]
-            sessions = client.submit(client.request("GET", "/v1/sessions?all=1&active=1", timeout=10)).result()
+            sessions = client.submit(
+                client.request("GET", "/v1/sessions?all=1&active=1", timeout=10)
+            ).result()
         except ApiError as e:
             print(e.title, file=sys.stderr)
             self.exit(1)
-        status = {"gateway": cfg.url, "client_config": str(path), "agents": agents,
-                  "sessions": sessions["sessions"]}
+        status = {
+            "gateway": cfg.url,
+            "client_config": str(path),
+            "agents": agents,
+            "sessions": sessions["sessions"],
+        }
         if self.json_output:
             print(json.dumps(status, indent=2))
             return
@@ -144,10 +162,12 @@ class StatusApp(Application):
         print(f"client config:  {path}")
         print(f"agents ({len(agents)}):")
         for a in agents:
-            print(f"  {a['id']:<20} {a['status']:<8} {a['address']:<15} "
-                  f"cpu {a['used'].get('cpu', '0')}/{a['capacity'].get('cpu', '0')}  "
-                  f"mem {_gib(a['used'].get('mem', '0'))}/{_gib(a['capacity'].get('mem', '0'))} GiB  "
-                  f"kernels {a['kernels']}")
+            print(
+                f"  {a['id']:<20} {a['status']:<8} {a['address']:<15} "
+                f"cpu {a['used'].get('cpu', '0')}/{a['capacity'].get('cpu', '0')}  "
+                f"mem {_gib(a['used'].get('mem', '0'))}/{_gib(a['capacity'].get('mem', '0'))} GiB  "
+                f"kernels {a['kernels']}"
+            )
         print(f"kernel sessions ({len(status['sessions'])}):")
         for s in status["sessions"]:
             print(f"  {s['id']}  {s['state']:<10} {s['image']:<32} agent {s['agent'] or '-'}  {s['reason']}")

@@ -61,9 +61,7 @@ def extra_kernelspecs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Write throwaway kernelspecs (same provisioner, other config) onto JUPYTER_PATH."""
 
     def make(name: str, **config: object) -> str:
-        src = json.loads(
-            (Path(__file__).parent.parent / "kernelspecs" / SPEC / "kernel.json").read_text()
-        )
+        src = json.loads((Path(__file__).parent.parent / "kernelspecs" / SPEC / "kernel.json").read_text())
         src["metadata"]["kernel_provisioner"]["config"].update(config)
         src["argv"] = ["python", "-m", "backendai_jupyter.provisioner.launcher", "-f", "{connection_file}"]
         d = tmp_path / "kernels" / name

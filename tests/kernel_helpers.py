@@ -15,7 +15,9 @@ def client(km: KernelManager) -> BlockingKernelClient:
     return kc
 
 
-def run(kc: BlockingKernelClient, code: str, timeout: float = 60) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run(
+    kc: BlockingKernelClient, code: str, timeout: float = 60
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Execute ``code``; return the execute_reply content and the IOPub messages it produced."""
     outputs: list[dict[str, Any]] = []
     reply = kc.execute_interactive(code, output_hook=outputs.append, timeout=timeout)
@@ -24,5 +26,7 @@ def run(kc: BlockingKernelClient, code: str, timeout: float = 60) -> tuple[dict[
 
 def stdout(outputs: list[dict[str, Any]]) -> str:
     return "".join(
-        m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+        m["content"]["text"]
+        for m in outputs
+        if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
     )

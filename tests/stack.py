@@ -61,7 +61,9 @@ class Api:
         headers = {"Content-Type": "application/json"}
         if sign:
             headers.update(signing.sign(self.config.access_key, self.config.secret_key, method, path, data))
-        return requests.request(method, self.config.url + path, data=data or None, headers=headers, timeout=60)
+        return requests.request(
+            method, self.config.url + path, data=data or None, headers=headers, timeout=60
+        )
 
     def __call__(self, method: str, path: str, body: Any = None) -> Any:
         resp = self.request(method, path, body)
@@ -108,9 +110,16 @@ def start_up(tmp: Path, agent_id: str, port_range: str, *extra: str) -> Stack:
     log = tmp / "up.log"
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config")}
     cmd = [
-        BAI, "up", "--port", str(port), "--data-dir", str(tmp / "data"),
-        f"--UpApp.client_config={cfg_path}", f"--Agent.agent_id={agent_id}",
-        f"--Agent.port_range={port_range}", *extra,
+        BAI,
+        "up",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp / "data"),
+        f"--UpApp.client_config={cfg_path}",
+        f"--Agent.agent_id={agent_id}",
+        f"--Agent.port_range={port_range}",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, text=True)
     wait_for_line(proc, log, "backendai-jupyter is up")

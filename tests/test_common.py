@@ -21,7 +21,9 @@ def test_sizes_parse_to_exact_bytes_and_cpu_stays_decimal():
     assert three.to_json() == {"cpu": "0.3", "mem": str(9 * 2**29)}
 
 
-@pytest.mark.parametrize("bad", [{"mem": "lots"}, {"cpu": "-1"}, {"cpu": True}, {"BAD NAME": 1}, {"cpu": "nan"}])
+@pytest.mark.parametrize(
+    "bad", [{"mem": "lots"}, {"cpu": "-1"}, {"cpu": True}, {"BAD NAME": 1}, {"cpu": "nan"}]
+)
 def test_bad_amounts_are_refused_with_the_slot_named(bad):
     with pytest.raises(SlotError) as e:
         ResourceSlot.parse(bad)
@@ -96,6 +98,4 @@ def test_a_request_larger_than_every_agent_names_the_resource():
     agents = [_agent("a", "4", "8g"), _agent("b", "2", "16g")]
     assert exceeds_every_agent(ResourceSlot.parse({"cpu": 2, "mem": "12g"}), agents) is None
     msg = exceeds_every_agent(ResourceSlot.parse({"mem": "64g"}), agents)
-    assert msg == (
-        "requested 64 GiB mem, but the largest agent has 16 GiB: ask for at most that"
-    )
+    assert msg == ("requested 64 GiB mem, but the largest agent has 16 GiB: ask for at most that")

@@ -14,7 +14,7 @@ from jupyter_client.manager import KernelManager
 from backendai_jupyter.provisioner.provisioner import LaunchError
 
 from .conftest import SPEC
-from .kernel_helpers import client, run, stdout
+from .kernel_helpers import client, stdout
 from .stack import Stack, eventually, free_port
 
 pytestmark = pytest.mark.docker
@@ -85,9 +85,7 @@ async def test_container_killed_from_outside_is_noticed_and_the_restarter_recove
     km.add_restart_callback(lambda: restarts.append("restart"), "restart")  # needs a started restarter
     try:
         sid = km.provisioner.session_id
-        container = next(
-            c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid
-        )
+        container = next(c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid)
         container.kill()  # docker kill: SIGKILL from outside
         start = time.monotonic()
         while await km.provisioner.poll() is None:

@@ -38,7 +38,9 @@ def test_requests_without_valid_signature_get_401_json(stack: Stack):
     resp = requests.get(stack.url + "/v1/sessions", headers=unknown, timeout=10)
     assert resp.status_code == 401 and resp.json()["title"] == "unknown access key"
     # A signature is bound to its body: replaying it with another body fails.
-    good = signing.sign(api.config.access_key, api.config.secret_key, "POST", "/v1/sessions", b'{"image": "a"}')
+    good = signing.sign(
+        api.config.access_key, api.config.secret_key, "POST", "/v1/sessions", b'{"image": "a"}'
+    )
     resp = requests.post(stack.url + "/v1/sessions", data=b'{"image": "b"}', headers=good, timeout=10)
     assert resp.status_code == 401
 
@@ -60,7 +62,9 @@ def test_bad_bodies_get_4xx_json_and_create_nothing(stack: Stack, body: bytes, f
     import requests
 
     before = stack.api("GET", "/v1/sessions")["sessions"]
-    headers = signing.sign(stack.api.config.access_key, stack.api.config.secret_key, "POST", "/v1/sessions", body)
+    headers = signing.sign(
+        stack.api.config.access_key, stack.api.config.secret_key, "POST", "/v1/sessions", body
+    )
     resp = requests.post(stack.url + "/v1/sessions", data=body, headers=headers, timeout=10)
     assert resp.status_code == 400, resp.text
     assert resp.json()["type"] == "invalid-request"
@@ -79,7 +83,8 @@ async def _events(stack: Stack, sid: str, until: set[str]) -> list[dict]:
     path = f"/v1/sessions/{sid}/events"
     cfg = stack.api.config
     req = httpclient.HTTPRequest(
-        stack.url.replace("http", "ws", 1) + path, headers=signing.sign(cfg.access_key, cfg.secret_key, "GET", path)
+        stack.url.replace("http", "ws", 1) + path,
+        headers=signing.sign(cfg.access_key, cfg.secret_key, "GET", path),
     )
     conn = await websocket.websocket_connect(req)
     events = []
@@ -100,10 +105,19 @@ async def test_event_stream_shows_each_state_change_of_a_launch(stack: Stack):
     assert states[-1] == "RUNNING", events
     # The stream starts from the current state, then every later change, in order.
     order = ["PENDING", "SCHEDULED", "PREPARING", "CREATING", "RUNNING"]
-    assert states == order[order.index(states[0]):]
+    assert states == order[order.index(states[0]) :]
     running = events[-1]
-    assert set(running["connection"]) >= {"ip", "key", "shell_port", "iopub_port", "stdin_port", "control_port",
-                                           "hb_port", "transport", "signature_scheme"}
+    assert set(running["connection"]) >= {
+        "ip",
+        "key",
+        "shell_port",
+        "iopub_port",
+        "stdin_port",
+        "control_port",
+        "hb_port",
+        "transport",
+        "signature_scheme",
+    }
     agents = stack.api("GET", "/v1/agents")["agents"]
     me = next(a for a in agents if a["id"] == stack.agent_id)
     assert me["used"]["cpu"] == "0.5" and me["used"]["mem"] == str(512 * 2**20)

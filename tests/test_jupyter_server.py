@@ -24,10 +24,19 @@ def server(stack: Stack, tmp_path: Path):
     port = free_port()
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("jupyter")), "server", "--no-browser", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}",
-         "--allow-root"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+        [
+            str(Path(sys.executable).with_name("jupyter")),
+            "server",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={tmp_path}",
+            "--allow-root",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         wait_for_line(proc, log, "Jupyter Server")
@@ -50,7 +59,9 @@ def _h() -> dict[str, str]:
     return {"Authorization": f"token {TOKEN}"}
 
 
-def test_launcher_lists_our_kernelspec_and_a_kernel_started_there_runs_in_a_container(stack: Stack, server: str):
+def test_launcher_lists_our_kernelspec_and_a_kernel_started_there_runs_in_a_container(
+    stack: Stack, server: str
+):
     specs = requests.get(server + "/api/kernelspecs", headers=_h(), timeout=10).json()["kernelspecs"]
     assert specs[SPEC]["spec"]["display_name"] == "Python 3 (Backend.AI)"
     kernel = requests.post(server + "/api/kernels", json={"name": SPEC}, headers=_h(), timeout=120).json()
@@ -70,13 +81,29 @@ def _execute_over_websocket(server: str, kernel_id: str, code: str) -> str:
         ws_url = server.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels?token={TOKEN}"
         conn = await websocket.websocket_connect(ws_url)
         msg_id = uuid.uuid4().hex
-        conn.write_message(json.dumps({
-            "header": {"msg_id": msg_id, "username": "t", "session": uuid.uuid4().hex, "msg_type": "execute_request",
-                       "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell",
-            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                        "allow_stdin": False},
-        }))
+        conn.write_message(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "username": "t",
+                        "session": uuid.uuid4().hex,
+                        "msg_type": "execute_request",
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "shell",
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": False,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                    },
+                }
+            )
+        )
         text = ""
         while True:
             raw = await asyncio.wait_for(conn.read_message(), 60)

@@ -14,7 +14,17 @@ from jupyter_client.blocking.client import BlockingKernelClient
 
 from backendai_jupyter.common.clientconfig import ClientConfig
 
-from .stack import BAI, AGENT_LABEL, Api, eventually, free_port, port_is_free, remove_containers, start_up, wait_for_line
+from .stack import (
+    AGENT_LABEL,
+    BAI,
+    Api,
+    eventually,
+    free_port,
+    port_is_free,
+    remove_containers,
+    start_up,
+    wait_for_line,
+)
 
 pytestmark = pytest.mark.docker
 IMAGE = "backendai-jupyter/python"
@@ -55,7 +65,9 @@ class Cluster:
         log = tmp / "gateway.log"
         self.gateway = subprocess.Popen(
             [BAI, "gateway", "--port", str(self.port), "--data-dir", str(tmp / "gw"), *gateway_args],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         wait_for_line(self.gateway, log, "gateway ready")
         keys = json.loads((tmp / "gw" / "admin-keypair.json").read_text())
@@ -68,9 +80,18 @@ class Cluster:
         log = self.tmp / f"agent{self.agent_runs}.log"
         env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
         self.agent = subprocess.Popen(
-            [BAI, "agent", f"--gateway-url={self.url}", f"--id={self.agent_id}", f"--port-range={self.port_range}",
-             f"--state-dir={self.tmp / 'agent'}"],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env,
+            [
+                BAI,
+                "agent",
+                f"--gateway-url={self.url}",
+                f"--id={self.agent_id}",
+                f"--port-range={self.port_range}",
+                f"--state-dir={self.tmp / 'agent'}",
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         wait_for_line(self.agent, log, "registered with the gateway")
 
@@ -87,8 +108,13 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path, docker_engine):
-    c = Cluster(tmp_path, "test-cluster", "31600-31699", "--Gateway.heartbeat_interval=0.5",
-                "--Gateway.heartbeat_timeout=3")
+    c = Cluster(
+        tmp_path,
+        "test-cluster",
+        "31600-31699",
+        "--Gateway.heartbeat_interval=0.5",
+        "--Gateway.heartbeat_timeout=3",
+    )
     try:
         yield c
     finally:

@@ -73,9 +73,9 @@ class Agent(LoggingConfigurable):
             raise ValueError(f"port_range must be LOW-HIGH within 1024-65535, got {proposal['value']!r}")
         return proposal["value"]
 
-    state_dir = Unicode(help="Where the agent keeps kernel connection files (env BACKENDAI_AGENT_STATE_DIR).").tag(
-        config=True
-    )
+    state_dir = Unicode(
+        help="Where the agent keeps kernel connection files (env BACKENDAI_AGENT_STATE_DIR)."
+    ).tag(config=True)
 
     @default("state_dir")
     def _state_dir_default(self) -> str:
@@ -115,7 +115,7 @@ class Agent(LoggingConfigurable):
         """Connect to the container engine, re-adopt kernels, then keep a link to the gateway."""
         low, high = (int(p) for p in self.port_range.split("-"))
         bind_host = self.bind_host or self.advertised_host
-        Path(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 (startup)
         self.backend = DockerBackend(self.agent_id, bind_host, self.kernel_user, self.pids_limit)
         self.runner = KernelRunner(
             self.backend,

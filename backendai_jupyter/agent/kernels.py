@@ -15,7 +15,13 @@ from typing import Any
 
 from ..common.states import SessionState
 from ..common.wire import CreateKernel, ImageInfo, KernelReport
-from .backends.base import CONNECTION_FILE_IN_CONTAINER, CONTAINER_PORTS, BackendError, ContainerBackend, KernelLaunch
+from .backends.base import (
+    CONNECTION_FILE_IN_CONTAINER,
+    CONTAINER_PORTS,
+    BackendError,
+    ContainerBackend,
+    KernelLaunch,
+)
 from .ports import PortPool, PortsExhausted
 from .probe import KernelNotReady, wait_until_ready
 

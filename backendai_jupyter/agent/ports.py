@@ -46,7 +46,9 @@ class PortPool:
 
     def take_exactly(self, ports: list[int]) -> bool:
         """Take these very ports if all are in range and free; else take none."""
-        if not all(self.low <= p <= self.high and p not in self.used and self._free_on_host(p) for p in ports):
+        if not all(
+            self.low <= p <= self.high and p not in self.used and self._free_on_host(p) for p in ports
+        ):
             return False
         self.used.update(ports)
         return True

@@ -7,7 +7,6 @@ So: keep asking kernel_info on shell until a reply comes and an IOPub message ha
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 

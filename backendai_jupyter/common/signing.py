@@ -51,9 +51,7 @@ def parse_authorization(header: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def verify(
-    secret_key: str, signature: str, method: str, path: str, date: str, body: bytes
-) -> None:
+def verify(secret_key: str, signature: str, method: str, path: str, date: str, body: bytes) -> None:
     """Raise :class:`SignatureError` unless ``signature`` is right and ``date`` is fresh."""
     try:
         when = datetime.fromisoformat(date)

@@ -72,7 +72,7 @@ class ResourceSlot(dict[str, Decimal]):
         """Wire form: amounts as strings so no float ever touches them."""
         return {k: f"{v.normalize():f}" if k not in BYTE_SLOTS else f"{v:f}" for k, v in self.items()}
 
-    def __add__(self, other: Mapping[str, Decimal]) -> ResourceSlot:  # type: ignore[override]
+    def __add__(self, other: Mapping[str, Decimal]) -> ResourceSlot:
         out = ResourceSlot(self)
         for k, v in other.items():
             out[k] = out.get(k, Decimal(0)) + v

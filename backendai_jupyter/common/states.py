@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class SessionState(str, enum.Enum):
+class SessionState(enum.StrEnum):
     """A kernel session's state (see DESIGN.md, "A kernel session's life")."""
 
     PENDING = "PENDING"

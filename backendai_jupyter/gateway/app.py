@@ -37,8 +37,9 @@ SID = r"(?P<sid>[0-9a-f-]{36})"
 
 class InfoHandler(ApiHandler):
     async def get(self) -> None:
-        self.write_json({"version": __version__, "user": self.current_user.name,
-                         "is_admin": self.current_user.is_admin})
+        self.write_json(
+            {"version": __version__, "user": self.current_user.name, "is_admin": self.current_user.is_admin}
+        )
 
 
 def _slots_trait(value: dict[str, Any], name: str) -> dict[str, Any]:
@@ -73,9 +74,9 @@ class Gateway(LoggingConfigurable):
     def _public_url_default(self) -> str:
         return os.environ.get("BACKENDAI_GATEWAY_URL", "")
 
-    data_dir = Unicode(
-        help="Directory for the database and secrets (env BACKENDAI_DATA_DIR)."
-    ).tag(config=True)
+    data_dir = Unicode(help="Directory for the database and secrets (env BACKENDAI_DATA_DIR).").tag(
+        config=True
+    )
 
     @default("data_dir")
     def _data_dir_default(self) -> str:
@@ -147,7 +148,7 @@ class Gateway(LoggingConfigurable):
 
     async def start(self) -> None:
         """Migrate the database, make the first admin, and start serving."""
-        Path(self.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 (startup)
         url = self.db_url or f"sqlite+aiosqlite:///{Path(self.data_dir) / 'gateway.sqlite'}"
         await dbmod.migrate(url)
         self.engine = dbmod.make_engine(url)

@@ -242,7 +242,9 @@ class SessionService:
             raise NotFound(f"no kernel session {sid}")
         return row
 
-    async def list(self, user: User, *, all_users: bool = False, active_only: bool = False) -> list[dict[str, Any]]:
+    async def list(
+        self, user: User, *, all_users: bool = False, active_only: bool = False
+    ) -> list[dict[str, Any]]:
         async with self.db() as db:
             q = select(KernelSession).order_by(KernelSession.created_at)
             if not (all_users and user.is_admin):
@@ -342,9 +344,14 @@ class SessionService:
                 live.agent_id = reg.agent_id
                 await self.kernel_report(reg.agent_id, report)
         for live in list(self.live.values()):
-            if live.agent_id == reg.agent_id and live.id not in reported and live.state in (
-                SessionState.RUNNING,
-                SessionState.TERMINATING,
+            if (
+                live.agent_id == reg.agent_id
+                and live.id not in reported
+                and live.state
+                in (
+                    SessionState.RUNNING,
+                    SessionState.TERMINATING,
+                )
             ):
                 await self._transition(
                     live.id, SessionState.ERROR, "the kernel's container vanished while its agent was away"
@@ -366,8 +373,13 @@ class SessionService:
             return
         if report.state == live.state and report.state == SessionState.RUNNING:
             # Same state again (a restart finished, or a reconnect): refresh the connection.
-            await self._transition(report.session_id, report.state, report.reason or "running",
-                                   connection=report.connection, force=True)
+            await self._transition(
+                report.session_id,
+                report.state,
+                report.reason or "running",
+                connection=report.connection,
+                force=True,
+            )
             return
         if not is_forward(live.state, report.state):
             return
@@ -426,7 +438,9 @@ class SessionService:
                 continue
             live.agent_id = decision.agent_id
             await self._transition(
-                live.id, SessionState.SCHEDULED, f"placed on agent {decision.agent_id}",
+                live.id,
+                SessionState.SCHEDULED,
+                f"placed on agent {decision.agent_id}",
                 agent_id=decision.agent_id,
             )
             for a in agents:

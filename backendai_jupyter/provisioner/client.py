@@ -142,8 +142,12 @@ class GatewayClient:
             except httpclient.HTTPClientError as e:
                 if e.code == 404:  # the session is gone
                     async with w.changed:
-                        w.event = {**w.event, "session_id": sid, "state": "TERMINATED",
-                                   "reason": "the gateway no longer knows this session"}
+                        w.event = {
+                            **w.event,
+                            "session_id": sid,
+                            "state": "TERMINATED",
+                            "reason": "the gateway no longer knows this session",
+                        }
                         w.changed.notify_all()
                     return
             except OSError:

@@ -12,7 +12,7 @@ import fnmatch
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -45,7 +45,7 @@ def client_config(gateway_url: str, access_key: str, secret_key: str, path: str)
     )
 
 
-class BackendAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class BackendAIProvisioner(KernelProvisionerBase):
     """Provisions kernels in containers on Backend.AI agents through the gateway."""
 
     image = Unicode("backendai-jupyter/python:latest", help="Container image of the kernel.").tag(config=True)
@@ -149,7 +149,9 @@ class BackendAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return
         try:
             if signum == signal.SIGINT:
-                await self.client.run(self.client.request("POST", f"/v1/sessions/{self.session_id}/interrupt"))
+                await self.client.run(
+                    self.client.request("POST", f"/v1/sessions/{self.session_id}/interrupt")
+                )
             else:
                 name = signal.Signals(signum).name
                 path = f"/v1/sessions/{self.session_id}/signal"
@@ -209,7 +211,9 @@ class BackendAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.session_id = model["id"]
         sid = model["id"]
         try:
-            w = await self.client.run(self.client.wait_for(sid, _running_or_over, timeout=self.launch_timeout))
+            w = await self.client.run(
+                self.client.wait_for(sid, _running_or_over, timeout=self.launch_timeout)
+            )
         except TimeoutError:
             await self._delete()
             self.session_id = None
@@ -221,10 +225,10 @@ class BackendAIProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.session_id = None
             raise LaunchError(f"the kernel could not start: {w.event.get('reason') or w.event['state']}")
         conn = dict(w.event["connection"])
-        conn["key"] = conn["key"].encode()
-        self.connection_info = conn
+        conn["key"] = conn["key"].encode()  # jupyter_client holds (and compares) keys as bytes
+        self.connection_info = cast(KernelConnectionInfo, conn)
         self.log.info("kernel session %s running on agent %s", sid, w.event.get("agent"))
-        return conn
+        return self.connection_info
 
     def _describe(self, sid: str) -> str:
         ev = self.client.cached_state(sid)

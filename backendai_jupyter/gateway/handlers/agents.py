@@ -38,9 +38,7 @@ class AgentsHandler(ApiHandler):
                     "capacity": reg.capacity.to_json(),
                     "used": used.to_json(),
                     "images": sorted(t for i in reg.images for t in i.tags),
-                    "kernels": sum(
-                        1 for s in self.sessions.live.values() if s.agent_id == link.id
-                    ),
+                    "kernels": sum(1 for s in self.sessions.live.values() if s.agent_id == link.id),
                 }
             )
         self.write_json({"agents": out})
@@ -77,10 +75,14 @@ class AgentConnectHandler(websocket.WebSocketHandler):
                 self.agent_id = reg.agent_id
                 self.sessions.registry.register(reg, self)
                 await self.sessions.agent_registered(reg)
-                self.write_message(json.dumps({"type": "registered",
-                                               "heartbeat_interval": self.settings["heartbeat_interval"]}))
-                log.info("agent %s registered from %s (%s)", reg.agent_id, reg.address,
-                         reg.capacity.describe())
+                self.write_message(
+                    json.dumps(
+                        {"type": "registered", "heartbeat_interval": self.settings["heartbeat_interval"]}
+                    )
+                )
+                log.info(
+                    "agent %s registered from %s (%s)", reg.agent_id, reg.address, reg.capacity.describe()
+                )
             elif self.agent_id is None:
                 self.close(4001, "register first")
             elif kind == "heartbeat":

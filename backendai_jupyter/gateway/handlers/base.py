@@ -94,8 +94,11 @@ class ApiHandler(AuthMixin, web.RequestHandler):
             self.finish(json.dumps(exc.to_json()))
             return
         reason = self._reason
-        body = {"type": "server-error" if status_code >= 500 else "http-error", "title": reason,
-                "status": status_code}
+        body = {
+            "type": "server-error" if status_code >= 500 else "http-error",
+            "title": reason,
+            "status": status_code,
+        }
         self.finish(json.dumps(body))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:

@@ -17,8 +17,9 @@ class SessionsHandler(ApiHandler):
     async def get(self) -> None:
         all_users = self.get_query_argument("all", "") in ("1", "true")
         active = self.get_query_argument("active", "") in ("1", "true")
-        self.write_json({"sessions": await self.sessions.list(self.current_user, all_users=all_users,
-                                                               active_only=active)})
+        self.write_json(
+            {"sessions": await self.sessions.list(self.current_user, all_users=all_users, active_only=active)}
+        )
 
     async def post(self) -> None:
         body = self.json_body()

@@ -27,9 +27,7 @@ def upgrade() -> None:
         "keypairs",
         sa.Column("access_key", sa.String(32), primary_key=True),
         sa.Column("secret_key", sa.String(64), nullable=False),
-        sa.Column(
-            "user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_keypairs_user_id", "keypairs", ["user_id"])
