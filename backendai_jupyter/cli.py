@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Unicode
+from jupyter_core.application import JupyterApp, base_aliases
+from traitlets import Bool, Unicode, default
 from traitlets.config import Application
 
 from . import __version__
@@ -19,11 +20,23 @@ from .common.clientconfig import ClientConfig, default_path
 from .gateway.app import Gateway
 
 
-class _Service(Application):
-    """Common base for the long-running subcommands."""
+class _Service(JupyterApp):
+    """Common base for the long-running subcommands.
 
-    log_level = 20  # type: ignore[assignment]
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # type: ignore[assignment]
+    Options come from the command line, from ``--config=FILE``, and from
+    ``backendai_jupyter_config.py`` (or ``.json``) in Jupyter's config path
+    (``jupyter --paths``), so operators can keep them in a file.
+    """
+
+    config_file_name = Unicode("backendai_jupyter_config", help="Config file name (without extension).")
+
+    @default("log_level")
+    def _log_level_default(self) -> int:
+        return logging.INFO
+
+    @default("log_format")
+    def _log_format_default(self) -> str:
+        return "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
     def _run_until_signal(self, start: Any, stop: Any) -> None:
         async def main() -> None:
@@ -50,6 +63,7 @@ class GatewayApp(_Service):
     description = "Run the gateway (manager + API): REST /v1, the scheduler, the agent registry."
     classes = [Gateway]
     aliases = {
+        **base_aliases,
         "ip": "Gateway.ip",
         "port": "Gateway.port",
         "data-dir": "Gateway.data_dir",
@@ -71,6 +85,7 @@ class AgentApp(_Service):
     description = "Run an agent: start kernel containers on this host for the gateway."
     classes = [Agent]
     aliases = {
+        **base_aliases,
         "gateway-url": "Agent.gateway_url",
         "id": "Agent.agent_id",
         "host": "Agent.advertised_host",
@@ -89,7 +104,12 @@ class UpApp(_Service):
     name = "backendai-jupyter up"
     description = "Run the gateway and one local agent (embedded SQLite), and write the client config."
     classes = [Gateway, Agent]
-    aliases = {"port": "Gateway.port", "data-dir": "Gateway.data_dir", "client-config": "UpApp.client_config"}
+    aliases = {
+        **base_aliases,
+        "port": "Gateway.port",
+        "data-dir": "Gateway.data_dir",
+        "client-config": "UpApp.client_config",
+    }
     client_config = Unicode(
         help="Where to write the client config; <jupyter config dir>/backendai_client.json when empty "
         "(env BACKENDAI_CLIENT_CONFIG)."

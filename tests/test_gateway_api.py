@@ -184,3 +184,26 @@ def test_status_without_a_gateway_says_how_to_start_one(tmp_path: Path):
     out = subprocess.run([bai, "status"], capture_output=True, text=True, env=env)
     assert out.returncode == 1
     assert "backendai-jupyter up" in out.stderr
+
+
+def test_a_request_that_must_wait_says_why_can_be_cancelled_and_starts_when_room_frees(stack: Stack):
+    me = next(a for a in stack.api("GET", "/v1/agents")["agents"] if a["id"] == stack.agent_id)
+    whole = {"cpu": me["capacity"]["cpu"], "mem": "256m"}
+    first = stack.api("POST", "/v1/sessions", {"image": IMAGE, "resources": whole})["id"]
+    waiting = cancelled = None
+    try:
+        stack.api.wait_state(first, {"RUNNING"})
+        cancelled = stack.api("POST", "/v1/sessions", {"image": IMAGE, "resources": whole})["id"]
+        model = eventually(lambda: (m := stack.api("GET", f"/v1/sessions/{cancelled}"))["reason"] and m)
+        assert model["state"] == "PENDING"
+        cpu = me["capacity"]["cpu"]
+        assert model["reason"] == f"waiting: {cpu} cpu requested, most free on any agent is 0"
+        assert stack.api("DELETE", f"/v1/sessions/{cancelled}")["state"] == "CANCELLED"
+        waiting = stack.api("POST", "/v1/sessions", {"image": IMAGE, "resources": whole})["id"]
+        eventually(lambda: stack.api("GET", f"/v1/sessions/{waiting}")["reason"].startswith("waiting"))
+        stack.api("DELETE", f"/v1/sessions/{first}")
+        stack.api.wait_state(waiting, {"RUNNING"}, timeout=30)
+    finally:
+        for sid in (first, waiting):
+            if sid:
+                stack.api("DELETE", f"/v1/sessions/{sid}")

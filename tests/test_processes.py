@@ -162,3 +162,19 @@ def test_an_agent_that_stops_heartbeating_is_lost_with_its_kernels(cluster: Clus
     cluster.start_agent()
     assert cluster.agent_status() == "ALIVE"
     eventually(lambda: not cluster_containers(cluster))
+
+
+def test_requests_are_clamped_to_the_maximum_in_the_gateways_config_file(tmp_path: Path, docker_engine):
+    config = tmp_path / "backendai_config.py"
+    config.write_text('c.Gateway.max_resources = {"cpu": "1", "mem": "256m"}\n')
+    cluster = Cluster(tmp_path, "test-clamp", "31700-31799", f"--config={config}")
+    try:
+        cluster.start_agent()
+        model = cluster.api("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cpu": "2", "mem": "4g"}})
+        assert model["resources"] == {"cpu": "1", "mem": str(256 * 2**20)}
+        cluster.api.wait_state(model["id"], {"RUNNING"})
+        (container,) = cluster_containers(cluster)
+        assert container.attrs["HostConfig"]["Memory"] == 256 * 2**20
+        assert container.attrs["HostConfig"]["NanoCpus"] == 10**9
+    finally:
+        cluster.close()

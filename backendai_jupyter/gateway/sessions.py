@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..common.errors import (
@@ -213,11 +213,13 @@ class SessionService:
                 updated_at=now,
             )
             db.add(row)
-            db.add(SessionTransition(session_id=sid, state=row.state, reason=reason, at=now))
+            first = SessionTransition(session_id=sid, state=row.state, reason=reason, at=now)
+            db.add(first)
+            await db.flush()
         self.live[sid] = Live(
             sid, user.id, row.image, resources, env, SessionState.PENDING, reason=reason, previous=previous
         )
-        self.hub.publish(self.event_of(row))
+        self.hub.publish(self.event_of(row, first.id))
         self._wakeup.set()
         return session_json(row, with_connection=False)
 
@@ -253,6 +255,17 @@ class SessionService:
                 q = q.where(KernelSession.id.in_(list(self.live)))
             rows = (await db.scalars(q)).all()
         return [session_json(r, with_connection=r.owner_id == user.id) for r in rows]
+
+    async def snapshot(self, user: User, sid: str) -> dict[str, Any]:
+        """The event that describes the session's state now (for a stream's first message)."""
+        async with self.db() as db:
+            row = await db.get(KernelSession, sid)
+            seq = await db.scalar(
+                select(func.max(SessionTransition.id)).where(SessionTransition.session_id == sid)
+            )
+        if row is None or (row.owner_id != user.id and not user.is_admin):
+            raise NotFound(f"no kernel session {sid}")
+        return self.event_of(row, seq or 0)
 
     async def transitions(self, sid: str) -> list[dict[str, Any]]:
         async with self.db() as db:
@@ -485,7 +498,9 @@ class SessionService:
             for k, v in fields.items():
                 if v is not None:
                     setattr(row, k, v)
-            db.add(SessionTransition(session_id=sid, state=state.value, reason=reason, at=now))
+            transition = SessionTransition(session_id=sid, state=state.value, reason=reason, at=now)
+            db.add(transition)
+            await db.flush()
         live = self.live.get(sid)
         if live is not None:
             live.state = state
@@ -493,12 +508,14 @@ class SessionService:
             if state.is_terminal:
                 del self.live[sid]
                 self._wakeup.set()  # resources came free
-        self.hub.publish(self.event_of(row))
+        self.hub.publish(self.event_of(row, transition.id))
         return row
 
     @staticmethod
-    def event_of(row: KernelSession) -> dict[str, Any]:
+    def event_of(row: KernelSession, seq: int) -> dict[str, Any]:
+        """The event for a session's current state; ``seq`` orders events (transition id)."""
         event = {
+            "seq": seq,
             "session_id": row.id,
             "owner": row.owner_id,
             "state": row.state,

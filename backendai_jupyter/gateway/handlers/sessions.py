@@ -83,23 +83,23 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
 
     async def open(self, sid: str) -> None:  # type: ignore[override]
         self.set_nodelay(True)
-        sessions = self.settings["sessions"]
-        row = await sessions.get_row(self.current_user, sid)
-        first = sessions.event_of(row)
+        first = await self.settings["sessions"].snapshot(self.current_user, sid)
         self._send(first)
-        self._pump = asyncio.ensure_future(self._forward())
+        self._pump = asyncio.ensure_future(self._forward(first["seq"]))
 
     def _send(self, event: dict[str, Any]) -> None:
         if self.owner != self.current_user.id:
             event = {k: v for k, v in event.items() if k != "connection"}
         self.write_message(json.dumps(event))
 
-    async def _forward(self) -> None:
+    async def _forward(self, after: int) -> None:
         assert self._queue is not None
         try:
             while True:
                 event = await self._queue.get()
-                self._send(event)
+                # Changes that were already in the snapshot were queued too: skip them.
+                if event["seq"] > after:
+                    self._send(event)
         except websocket.WebSocketClosedError:
             pass
 
