@@ -60,20 +60,34 @@ class Cluster:
 
     def __init__(self, tmp: Path, agent_id: str, port_range: str, *gateway_args: str) -> None:
         self.tmp, self.agent_id, self.port_range = tmp, agent_id, port_range
+        self.gateway_args = gateway_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        log = tmp / "gateway.log"
+        self.gateway_runs = 0
+        self.start_gateway()
+        keys = json.loads((tmp / "gw" / "admin-keypair.json").read_text())
+        self.api = Api(ClientConfig(self.url, keys["access_key"], keys["secret_key"]))
+        self.agent: subprocess.Popen[str] | None = None
+        self.agent_runs = 0
+
+    def start_gateway(self) -> None:
+        self.gateway_runs += 1
+        log = self.tmp / f"gateway{self.gateway_runs}.log"
         self.gateway = subprocess.Popen(
-            [BAI, "gateway", "--port", str(self.port), "--data-dir", str(tmp / "gw"), *gateway_args],
+            [
+                BAI,
+                "gateway",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.tmp / "gw"),
+                *self.gateway_args,
+            ],
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             text=True,
         )
         wait_for_line(self.gateway, log, "gateway ready")
-        keys = json.loads((tmp / "gw" / "admin-keypair.json").read_text())
-        self.api = Api(ClientConfig(self.url, keys["access_key"], keys["secret_key"]))
-        self.agent: subprocess.Popen[str] | None = None
-        self.agent_runs = 0
 
     def start_agent(self) -> None:
         self.agent_runs += 1
@@ -96,7 +110,8 @@ class Cluster:
         wait_for_line(self.agent, log, "registered with the gateway")
 
     def agent_status(self) -> str:
-        return next(a["status"] for a in self.api("GET", "/v1/agents")["agents"] if a["id"] == self.agent_id)
+        agents = self.api("GET", "/v1/agents")["agents"]
+        return next((a["status"] for a in agents if a["id"] == self.agent_id), "")
 
     def close(self) -> None:
         for p in (self.agent, self.gateway):
@@ -178,3 +193,22 @@ def test_requests_are_clamped_to_the_maximum_in_the_gateways_config_file(tmp_pat
         assert container.attrs["HostConfig"]["NanoCpus"] == 10**9
     finally:
         cluster.close()
+
+
+def test_a_restarted_gateway_loses_no_kernel(cluster: Cluster):
+    cluster.start_agent()
+    sid = cluster.api("POST", "/v1/sessions", {"image": IMAGE})["id"]
+    model = cluster.api.wait_state(sid, {"RUNNING"})
+    cluster.gateway.send_signal(signal.SIGINT)
+    assert cluster.gateway.wait(30) == 0
+    cluster.start_gateway()
+    # The agent reconnects by itself and reports the kernel it still runs.
+    eventually(lambda: cluster.agent_status() == "ALIVE", timeout=20)
+    assert cluster.api("GET", f"/v1/sessions/{sid}")["state"] == "RUNNING"
+    kc = _kernel_client(model["connection"])
+    outputs: list = []
+    kc.execute_interactive("print('still here')", output_hook=outputs.append, timeout=30)
+    assert [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"] == ["still here\n"]
+    kc.stop_channels()
+    cluster.api("DELETE", f"/v1/sessions/{sid}")
+    assert not cluster_containers(cluster)

@@ -61,6 +61,7 @@ class KernelSession(Base):
     access_key: Mapped[str] = mapped_column(String(32))
     image: Mapped[str] = mapped_column(String(255))
     resources: Mapped[dict[str, Any]] = mapped_column(JSON)
+    env: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # never returned by the API
     state: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     agent_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import signal as signal_mod
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -146,11 +145,12 @@ class SessionService:
                     owner_id=row.owner_id,
                     image=row.image,
                     resources=ResourceSlot.parse(row.resources),
-                    env={},
+                    env=dict(row.env or {}),
                     state=state,
                     agent_id=row.agent_id,
                     reason=row.reason,
                 )
+        self._started = time.monotonic()
         self.registry.start()
         self._scheduler = asyncio.ensure_future(self._schedule_loop())
         self._wakeup.set()
@@ -207,6 +207,7 @@ class SessionService:
                 access_key=access_key,
                 image=normalize_image(image),
                 resources=resources.to_json(),
+                env=env,
                 state=SessionState.PENDING.value,
                 reason=reason,
                 created_at=now,
@@ -333,14 +334,15 @@ class SessionService:
 
     # -- agents ----------------------------------------------------------------------------
 
+    def agent_usage(self, agent_id: str) -> tuple[ResourceSlot, int]:
+        """What the agent's kernels hold, and how many kernels it has."""
+        mine = [s for s in self.live.values() if s.agent_id == agent_id]
+        return total(s.resources for s in mine if s.state in ALLOCATED_STATES), len(mine)
+
     def _agent_views(self) -> list[AgentView]:
         views = []
         for link in self.registry.alive():
-            used = total(
-                s.resources
-                for s in self.live.values()
-                if s.agent_id == link.id and s.state in ALLOCATED_STATES
-            )
+            used, _ = self.agent_usage(link.id)
             tags = frozenset(normalize_image(t) for i in link.registration.images for t in i.tags)
             views.append(AgentView(link.id, link.registration.capacity, used, tags))
         return views
@@ -360,11 +362,8 @@ class SessionService:
             if (
                 live.agent_id == reg.agent_id
                 and live.id not in reported
-                and live.state
-                in (
-                    SessionState.RUNNING,
-                    SessionState.TERMINATING,
-                )
+                and live.state in ALLOCATED_STATES
+                and live.state != SessionState.SCHEDULED  # its create order may still be on the way
             ):
                 await self._transition(
                     live.id, SessionState.ERROR, "the kernel's container vanished while its agent was away"
@@ -421,8 +420,21 @@ class SessionService:
             self._wakeup.clear()
             try:
                 await self._schedule_pending()
+                await self._sweep_unclaimed()
             except Exception:
                 log.exception("scheduling pass failed")
+
+    async def _sweep_unclaimed(self) -> None:
+        """Sessions whose agent never came back after a gateway restart are LOST."""
+        if time.monotonic() - self._started < self.registry.heartbeat_timeout:
+            return
+        for live in list(self.live.values()):
+            if live.agent_id and live.state in ALLOCATED_STATES and self.registry.get(live.agent_id) is None:
+                await self._transition(
+                    live.id,
+                    SessionState.LOST,
+                    f"agent {live.agent_id} did not reconnect after the gateway restarted",
+                )
 
     async def _schedule_pending(self) -> None:
         pending = sorted(
@@ -527,6 +539,3 @@ class SessionService:
         if row.state == SessionState.RUNNING.value and row.connection:
             event["connection"] = row.connection
         return event
-
-
-SIGNAL_NUMBERS = {name: int(getattr(signal_mod, name)) for name in SIGNALS}

@@ -9,8 +9,6 @@ from typing import Any
 
 from tornado import websocket
 
-from ...common.slots import total
-from ...common.states import ALLOCATED_STATES
 from ...common.wire import AgentRegistration, KernelReport
 from ..sessions import SessionService
 from .base import ApiHandler
@@ -24,11 +22,7 @@ class AgentsHandler(ApiHandler):
     async def get(self) -> None:
         out = []
         for link in self.sessions.registry.links.values():
-            used = total(
-                s.resources
-                for s in self.sessions.live.values()
-                if s.agent_id == link.id and s.state in ALLOCATED_STATES
-            )
+            used, kernels = self.sessions.agent_usage(link.id)
             reg = link.registration
             out.append(
                 {
@@ -38,7 +32,7 @@ class AgentsHandler(ApiHandler):
                     "capacity": reg.capacity.to_json(),
                     "used": used.to_json(),
                     "images": sorted(t for i in reg.images for t in i.tags),
-                    "kernels": sum(1 for s in self.sessions.live.values() if s.agent_id == link.id),
+                    "kernels": kernels,
                 }
             )
         self.write_json({"agents": out})

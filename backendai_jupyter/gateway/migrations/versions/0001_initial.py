@@ -49,6 +49,7 @@ def upgrade() -> None:
         sa.Column("access_key", sa.String(32), nullable=False),
         sa.Column("image", sa.String(255), nullable=False),
         sa.Column("resources", sa.JSON, nullable=False),
+        sa.Column("env", sa.JSON, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("agent_id", sa.String(64), nullable=True),
