@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy backendai_jupyter/common backendai_jupyter/provisioner backendai_jupyter/agent/backends/base.py
 
 test: setup lint
+	@bash scripts/ensure-browser.sh
 	$(VENV)/bin/pytest
 
 clean:
