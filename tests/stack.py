@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,3 +148,40 @@ def eventually(check: Any, timeout: float = 15, interval: float = 0.1) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"still not true after {timeout} s: {check}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def jupyter(app: str, root: Path, token: str) -> Iterator[str]:
+    """Run `jupyter server` or `jupyter lab` on a free port; yields its URL once it answers."""
+    port = free_port()
+    log = root / f"{app}.log"
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("jupyter")),
+            app,
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--allow-root",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_line(proc, log, "Jupyter Server")
+        eventually(lambda: _answers(url), timeout=30)
+        yield url
+    finally:
+        proc.terminate()  # the server shuts down the kernels it started
+        proc.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url + "/api", timeout=2).ok
+    except requests.ConnectionError:
+        return False

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from .stack import Stack, eventually, free_port, wait_for_line
+from .stack import Stack, eventually, jupyter
 
 pytestmark = pytest.mark.docker
 TOKEN = "browser-test-token"
@@ -23,29 +21,8 @@ CARD = "Python 3 (Backend.AI)"
 
 @pytest.fixture
 def lab(stack: Stack, tmp_path: Path):
-    port = free_port()
-    log = tmp_path / "lab.log"
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("jupyter")),
-            "lab",
-            "--no-browser",
-            f"--port={port}",
-            "--ServerApp.ip=127.0.0.1",
-            f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={tmp_path}",
-            "--allow-root",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for_line(proc, log, "Jupyter Server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with jupyter("lab", tmp_path, TOKEN) as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import requests
 from tornado import websocket
 
 from .conftest import SPEC
-from .stack import Stack, eventually, free_port, wait_for_line
+from .stack import Stack, jupyter
 
 pytestmark = pytest.mark.docker
 TOKEN = "test-token"
@@ -21,38 +19,8 @@ TOKEN = "test-token"
 
 @pytest.fixture
 def server(stack: Stack, tmp_path: Path):
-    port = free_port()
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("jupyter")),
-            "server",
-            "--no-browser",
-            f"--port={port}",
-            "--ServerApp.ip=127.0.0.1",
-            f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={tmp_path}",
-            "--allow-root",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for_line(proc, log, "Jupyter Server")
-        url = f"http://127.0.0.1:{port}"
-        eventually(lambda: _ok(url))
+    with jupyter("server", tmp_path, TOKEN) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return requests.get(url + "/api", timeout=2).ok
-    except requests.ConnectionError:
-        return False
 
 
 def _h() -> dict[str, str]:
