@@ -9,7 +9,7 @@ import pytest
 from backendai_jupyter.common import signing
 from backendai_jupyter.common.slots import ResourceSlot, SlotError
 from backendai_jupyter.common.states import SessionState, is_forward
-from backendai_jupyter.gateway.scheduler import AgentView, exceeds_every_agent, first_fit
+from backendai_jupyter.gateway.scheduler import Allocation, Cluster
 
 
 def test_sizes_parse_to_exact_bytes_and_cpu_stays_decimal():
@@ -68,34 +68,27 @@ def test_states_only_move_forward():
     assert not is_forward(SessionState.TERMINATED, SessionState.RUNNING)
 
 
-def _agent(aid: str, cpu: str, mem: str, used_cpu: str = "0", used_mem: str = "0") -> AgentView:
-    return AgentView(
-        aid,
-        ResourceSlot.parse({"cpu": cpu, "mem": mem}),
-        ResourceSlot.parse({"cpu": used_cpu, "mem": used_mem}),
-        frozenset({"img:latest"}),
-    )
+def _cluster(*agents: tuple[str, str, str]) -> Cluster:
+    c = Cluster()
+    for aid, cpu, mem in agents:
+        c.add_agent(aid, ResourceSlot.parse({"cpu": cpu, "mem": mem}), [], ["img:latest"])
+    return c
 
 
-def test_first_fit_places_on_the_first_agent_with_room_and_says_why_it_waits():
+def test_waiting_reasons_name_the_short_resource_or_the_split():
+    c = _cluster(("a", "4", "8g"), ("b", "4", "8g"))
+    c.allocate("x", Allocation("a", ResourceSlot.parse({"cpu": 3})))
+    c.allocate("y", Allocation("b", ResourceSlot.parse({"cpu": 3, "mem": "6g"})))
     req = ResourceSlot.parse({"cpu": 2, "mem": "4g"})
-    agents = [_agent("a", "4", "8g", used_cpu="3"), _agent("b", "4", "8g")]
-    assert first_fit(req, "img", agents).agent_id == "b"
-    assert first_fit(req, "img", agents, prefer="a").agent_id == "b"
-    busy = [_agent("a", "4", "8g", used_cpu="3"), _agent("b", "4", "8g", used_cpu="3", used_mem="6g")]
-    decision = first_fit(req, "img", busy)
-    assert decision.agent_id is None
-    assert decision.reason == "waiting: 2 cpu requested, most free on any agent is 1"
-    split = [_agent("a", "4", "8g", used_cpu="3"), _agent("b", "4", "8g", used_mem="6g")]
-    assert first_fit(req, "img", split).reason == (
-        "waiting: no single agent has cpu 2, mem 4 GiB free at once "
-        "(a has cpu 1, mem 8 GiB; b has cpu 4, mem 2 GiB)"
-    )
-    assert first_fit(req, "other", agents).reason == "waiting: no connected agent has the image other"
+    assert c.shortfall_reason(req, "img:latest") == "2 cpu requested, most free on any agent is 1"
+    c.release("y")
+    c.allocate("z", Allocation("b", ResourceSlot.parse({"mem": "6g"})))
+    assert c.shortfall_reason(req, "img:latest") == "no single agent has cpu 2, mem 4 GiB free at once"
+    assert c.shortfall_reason(req, "other:latest") == "no connected agent has the image other:latest"
 
 
 def test_a_request_larger_than_every_agent_names_the_resource():
-    agents = [_agent("a", "4", "8g"), _agent("b", "2", "16g")]
-    assert exceeds_every_agent(ResourceSlot.parse({"cpu": 2, "mem": "12g"}), agents) is None
-    msg = exceeds_every_agent(ResourceSlot.parse({"mem": "64g"}), agents)
-    assert msg == ("requested 64 GiB mem, but the largest agent has 16 GiB: ask for at most that")
+    c = _cluster(("a", "4", "8g"), ("b", "2", "16g"))
+    assert c.exceeds_every_agent(ResourceSlot.parse({"cpu": 2, "mem": "12g"})) is None
+    msg = c.exceeds_every_agent(ResourceSlot.parse({"mem": "64g"}))
+    assert msg == "requested 64 GiB mem, but the largest agent has 16 GiB: ask for at most that"

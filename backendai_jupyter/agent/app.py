@@ -7,16 +7,18 @@ import json
 import logging
 import os
 import socket
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tornado import httpclient, websocket
-from traitlets import Bool, Float, Int, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from ..common.errors import ApiError
 from ..common.slots import ResourceSlot
-from ..common.wire import AGENT_WS_PATH, AgentRegistration, CreateKernel, KernelReport
+from ..common.wire import AGENT_WS_PATH, AgentRegistration, CreateKernel, Device, KernelReport
+from .accelerators.base import AcceleratorPlugin, load_plugins
 from .backends.base import BackendError
 from .backends.docker import DockerBackend
 from .kernels import KernelRunner
@@ -97,6 +99,18 @@ class Agent(LoggingConfigurable):
         return proposal["value"]
 
     pids_limit = Int(1024, help="Most processes a kernel container may have.").tag(config=True)
+    accelerators = List(
+        Unicode(),
+        ["cuda"],
+        help="Accelerator plugins to load (entry points in backendai_jupyter.accelerators): 'cuda' is "
+        "NVIDIA through NVML (no GPU or driver: no devices); 'mock' declares devices for hosts without GPUs.",
+    ).tag(config=True)
+    accelerator_config = Dict(
+        {}, help="Per-plugin settings, e.g. {'mock': {'devices': 4, 'sharing': True}}."
+    ).tag(config=True)
+    mock_devices = Int(
+        0, help="Shortcut: load the mock plugin with this many declared GPUs instead of 'cuda'."
+    ).tag(config=True)
     ready_timeout = Float(60.0, help="Seconds a new kernel has to answer before it is an error.").tag(
         config=True
     )
@@ -105,9 +119,27 @@ class Agent(LoggingConfigurable):
     ).tag(config=True)
 
     def capacity(self) -> ResourceSlot:
-        return ResourceSlot.parse(
+        """CPU and memory offered, plus what the accelerator plugins add."""
+        slots = ResourceSlot.parse(
             {"cpu": self.cpu or str(os.cpu_count() or 1), "mem": self.mem or _host_memory()}
         )
+        for plugin in self.plugins:
+            slots.update(plugin.slots(self.devices))
+        return slots
+
+    def _load_plugins(self) -> list[AcceleratorPlugin]:
+        names = list(self.accelerators)
+        config = {k: dict(v) for k, v in self.accelerator_config.items()}
+        if self.mock_devices:
+            names = ["mock"]
+            config.setdefault("mock", {}).setdefault("devices", self.mock_devices)
+        for name in names:
+            config.setdefault(name, {}).setdefault("agent_id", self.agent_id)
+        plugins = load_plugins(names, config)
+        keys = [p.key for p in plugins]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"two accelerator plugins provide the same slots ({', '.join(names)}); load one")
+        return plugins
 
     # -- running -------------------------------------------------------------------------------
 
@@ -116,6 +148,13 @@ class Agent(LoggingConfigurable):
         low, high = (int(p) for p in self.port_range.split("-"))
         bind_host = self.bind_host or self.advertised_host
         Path(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 (startup)
+        self.plugins = self._load_plugins()
+        self.devices: list[Device] = []
+        for plugin in self.plugins:
+            found = await plugin.discover()
+            self.devices += found
+            note = f"; {plugin.sharing_note}" if plugin.sharing_note else ""
+            log.info("%s: %d device(s)%s", type(plugin).__name__, len(found), note)
         self.backend = DockerBackend(self.agent_id, bind_host, self.kernel_user, self.pids_limit)
         self.runner = KernelRunner(
             self.backend,
@@ -124,6 +163,8 @@ class Agent(LoggingConfigurable):
             self.advertised_host,
             self.ready_timeout,
             self._report,
+            {p.key: p for p in self.plugins},
+            self.devices,
         )
         await self.runner.start()
         self._ws: websocket.WebSocketClientConnection | None = None
@@ -185,6 +226,7 @@ class Agent(LoggingConfigurable):
             capacity=self.capacity(),
             images=await self.runner.refresh_images(),
             kernels=self.runner.snapshot(),
+            devices=self.devices,
         )
         await ws.write_message(json.dumps({"type": "register", "agent": reg.to_json()}))
         heartbeat: asyncio.Task[None] | None = None
@@ -209,8 +251,11 @@ class Agent(LoggingConfigurable):
     async def _heartbeat(self, ws: websocket.WebSocketClientConnection, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            stats = []
+            for plugin in self.plugins:
+                stats += [asdict(s) for s in await plugin.stats()]
             try:
-                await ws.write_message(json.dumps({"type": "heartbeat"}))
+                await ws.write_message(json.dumps({"type": "heartbeat", "device_stats": stats}))
             except websocket.WebSocketClosedError:
                 return
 

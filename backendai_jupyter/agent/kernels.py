@@ -10,11 +10,13 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from ..common.states import SessionState
-from ..common.wire import CreateKernel, ImageInfo, KernelReport
+from ..common.wire import CreateKernel, Device, ImageInfo, KernelReport
+from .accelerators.base import AcceleratorPlugin, ContainerArgs
 from .backends.base import (
     CONNECTION_FILE_IN_CONTAINER,
     CONTAINER_PORTS,
@@ -54,7 +56,11 @@ class KernelRunner:
         advertised_host: str,
         ready_timeout: float,
         report: Report,
+        plugins: dict[str, AcceleratorPlugin] | None = None,
+        devices: list[Device] | None = None,
     ) -> None:
+        self.plugins = plugins or {}
+        self.devices = devices or []
         self.backend = backend
         self.ports = ports
         self.state_dir = state_dir
@@ -140,6 +146,8 @@ class KernelRunner:
             if not argv:
                 raise BackendError(f"image {k.order.image} declares no kernel command")
             env = {**k.order.env, "BACKENDAI_SESSION_ID": sid}
+            extra = self._device_args(k.order)
+            env.update(extra.env)
             launch = KernelLaunch(
                 session_id=sid,
                 image=k.order.image,
@@ -149,6 +157,8 @@ class KernelRunner:
                 owner=k.order.owner,
                 host_ports=k.host_ports,
                 connection_file=str(self._kernel_dir(sid) / "kernel.json"),
+                device_requests=extra.device_requests,
+                volumes=extra.volumes,
             )
             k.container_id = await self.backend.create(launch)
             connection = self._client_connection(k)
@@ -175,6 +185,22 @@ class KernelRunner:
                 return wanted, str(reuse["key"])
         ports = self.ports.take(len(CONTAINER_PORTS))
         return dict(zip(CONTAINER_PORTS, ports, strict=True)), uuid.uuid4().hex
+
+    def _device_args(self, order: CreateKernel) -> ContainerArgs:
+        """What the container needs to see exactly the devices the gateway allocated."""
+        merged = ContainerArgs()
+        for key, allocation in order.devices.items():
+            plugin = self.plugins.get(key)
+            if plugin is None:
+                raise BackendError(f"this agent has no {key} plugin for the allocated devices")
+            try:
+                args = plugin.container_args({d: Decimal(a) for d, a in allocation.items()}, self.devices)
+            except ValueError as e:
+                raise BackendError(f"bad device allocation: {e}") from None
+            merged.env.update(args.env)
+            merged.device_requests += args.device_requests
+            merged.volumes.update(args.volumes)
+        return merged
 
     def _client_connection(self, k: Kernel) -> dict[str, Any]:
         return {

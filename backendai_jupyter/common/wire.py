@@ -19,6 +19,29 @@ KERNEL_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 
 @dataclass
+class Device:
+    """One accelerator an agent offers (a GPU, a MIG instance), as its plugin discovered it."""
+
+    plugin: str  # the slot prefix it provides, e.g. "cuda"
+    id: str  # unique on its agent, e.g. "0" or "MIG-...": what allocations name
+    uuid: str
+    model: str
+    memory: int  # bytes
+    numa_node: int | None = None
+    pci_bus: str | None = None
+    mig: list[dict[str, Any]] = field(default_factory=list)
+    mock: bool = False  # declared in config, not real hardware: shown as such everywhere
+    shares: str = "0"  # fractional capacity offered as <plugin>.shares ("1" when sharing works)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Device:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
 class ImageInfo:
     """An image an agent holds and can start kernels from."""
 
@@ -66,6 +89,7 @@ class AgentRegistration:
     capacity: ResourceSlot
     images: list[ImageInfo] = field(default_factory=list)
     kernels: list[KernelReport] = field(default_factory=list)
+    devices: list[Device] = field(default_factory=list)
     version: int = PROTOCOL_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -75,6 +99,7 @@ class AgentRegistration:
             "capacity": self.capacity.to_json(),
             "images": [asdict(i) for i in self.images],
             "kernels": [k.to_json() for k in self.kernels],
+            "devices": [d.to_json() for d in self.devices],
             "version": self.version,
         }
 
@@ -86,6 +111,7 @@ class AgentRegistration:
             capacity=ResourceSlot.parse(d["capacity"]),
             images=[ImageInfo.from_json(i) for i in d.get("images", [])],
             kernels=[KernelReport.from_json(k) for k in d.get("kernels", [])],
+            devices=[Device.from_json(x) for x in d.get("devices", [])],
             version=d.get("version", PROTOCOL_VERSION),
         )
 
@@ -101,6 +127,8 @@ class CreateKernel:
     owner: str
     # On a restart: the previous kernel's ports and key, so connected clients reconnect as is.
     reuse: dict[str, Any] | None = None
+    # Specific devices: plugin → {device id: amount} (amount "1" for a whole device).
+    devices: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +138,7 @@ class CreateKernel:
             "env": self.env,
             "owner": self.owner,
             "reuse": self.reuse,
+            "devices": self.devices,
         }
 
     @classmethod
@@ -121,4 +150,5 @@ class CreateKernel:
             env=dict(d.get("env") or {}),
             owner=d.get("owner", ""),
             reuse=d.get("reuse"),
+            devices={k: dict(v) for k, v in (d.get("devices") or {}).items()},
         )

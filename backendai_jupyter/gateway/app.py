@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tornado import httpserver, web
-from traitlets import Dict, Float, Int, Unicode, default, validate
+from traitlets import Dict, Enum, Float, Int, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__
@@ -19,7 +19,7 @@ from ..common.wire import AGENT_WS_PATH
 from . import db as dbmod
 from .auth import Authenticator
 from .events import EventHub
-from .handlers.agents import AgentConnectHandler, AgentsHandler
+from .handlers.agents import AgentConnectHandler, AgentsHandler, DrainHandler
 from .handlers.base import ApiHandler, NotFoundHandler
 from .handlers.sessions import (
     InterruptHandler,
@@ -117,6 +117,18 @@ class Gateway(LoggingConfigurable):
     max_resources = Dict(
         {}, help="Most a single session may have per slot; larger requests are clamped to it."
     ).tag(config=True)
+    scheduler_policy = Enum(
+        ["fifo", "drf"],
+        "fifo",
+        help="Who goes first among pending sessions: arrival order, or dominant-resource fairness "
+        "across users.",
+    ).tag(config=True)
+    agent_selector = Enum(
+        ["auto", "concentrated", "dispersed"],
+        "auto",
+        help="Where a session goes: pack (concentrated), spread (dispersed), or auto (pack GPU "
+        "sessions, spread CPU-only ones).",
+    ).tag(config=True)
 
     @validate("default_resources", "max_resources")
     def _valid_slots(self, proposal: Any) -> dict[str, Any]:
@@ -169,6 +181,8 @@ class Gateway(LoggingConfigurable):
             max_resources=ResourceSlot.parse(self.max_resources),
             pending_timeout=self.pending_timeout,
             heartbeat_timeout=self.heartbeat_timeout,
+            policy=self.scheduler_policy,
+            selector=self.agent_selector,
         )
         await self.sessions.start()
         app = web.Application(
@@ -176,6 +190,7 @@ class Gateway(LoggingConfigurable):
                 (r"/v1/?", InfoHandler),
                 (AGENT_WS_PATH, AgentConnectHandler),
                 (r"/v1/agents/?", AgentsHandler),
+                (r"/v1/agents/(?P<agent_id>[^/]+)/(?P<action>drain|undrain)", DrainHandler),
                 (r"/v1/sessions/?", SessionsHandler),
                 (rf"/v1/sessions/{SID}/?", SessionHandler),
                 (rf"/v1/sessions/{SID}/interrupt", InterruptHandler),

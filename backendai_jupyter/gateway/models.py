@@ -24,9 +24,25 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    policy: Mapped[str | None] = mapped_column(
+        ForeignKey("resource_policies.name", ondelete="SET NULL"), nullable=True
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     keypairs: Mapped[list[Keypair]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+
+class ResourcePolicy(Base):
+    """What a user may take: sessions at once, per session, in total, and which images."""
+
+    __tablename__ = "resource_policies"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    max_sessions: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_session_resources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    total_resources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    allowed_images: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Keypair(Base):
@@ -46,6 +62,7 @@ class Agent(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     address: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16))  # ALIVE, LOST
+    schedulable: Mapped[bool] = mapped_column(Boolean, default=True)  # False: drained
     capacity: Mapped[dict[str, Any]] = mapped_column(JSON)
     images: Mapped[list[Any]] = mapped_column(JSON, default=list)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -65,6 +82,7 @@ class KernelSession(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     agent_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    devices: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # plugin → {device id: amount}
     connection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -31,6 +31,7 @@ class AgentLink:
     sender: Sender | None
     last_heartbeat: float = field(default_factory=time.monotonic)
     lost: bool = False
+    device_stats: list[dict[str, Any]] = field(default_factory=list)
     _calls: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
 
     @property
@@ -101,10 +102,12 @@ class AgentRegistry:
         self.links[reg.agent_id] = link
         return link
 
-    def heartbeat(self, agent_id: str) -> None:
+    def heartbeat(self, agent_id: str, device_stats: list[dict[str, Any]] | None = None) -> None:
         link = self.links.get(agent_id)
         if link:
             link.last_heartbeat = time.monotonic()
+            if device_stats is not None:
+                link.device_stats = device_stats
 
     def connection_closed(self, agent_id: str, sender: Sender) -> None:
         """The websocket went away; the agent counts as lost only after the timeout."""

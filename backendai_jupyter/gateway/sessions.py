@@ -7,12 +7,14 @@ before it is published as an event, so a client that reconnects reads the same s
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
@@ -26,13 +28,13 @@ from ..common.errors import (
     NotFound,
     UnknownImage,
 )
-from ..common.slots import ResourceSlot, SlotError, total
+from ..common.slots import ResourceSlot, SlotError, format_amount, total
 from ..common.states import ALLOCATED_STATES, SessionState, is_forward
 from ..common.wire import AgentRegistration, CreateKernel, KernelReport
 from .events import EventHub
-from .models import KernelSession, SessionTransition, User
+from .models import Agent, KernelSession, ResourcePolicy, SessionTransition, User
 from .registry import AgentRegistry
-from .scheduler import AgentView, exceeds_every_agent, first_fit, image_matches, normalize_image
+from .scheduler import Allocation, Cluster, Request, normalize_image, run_pass, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Live:
     env: dict[str, str]
     state: SessionState
     created: float = field(default_factory=time.monotonic)
+    seq: int = 0
     agent_id: str | None = None
     reason: str = ""
     # A restart: the agent and connection of the session this one replaces.
@@ -101,6 +104,25 @@ def session_json(row: KernelSession, *, with_connection: bool) -> dict[str, Any]
     return d
 
 
+def _describe_devices(alloc: Allocation) -> str:
+    names = [
+        f"{p} {d}" + ("" if a >= 1 else f" ({a.normalize():f})")
+        for p, devs in alloc.devices.items()
+        for d, a in devs.items()
+    ]
+    return f" with {', '.join(names)}" if names else ""
+
+
+def _unlimited(slots: ResourceSlot) -> dict[str, Decimal]:
+    """Limits that never bind, for slots a policy leaves open."""
+    return {k: Decimal("Infinity") for k in slots}
+
+
+class PolicyViolation(ApiError):
+    status = 403
+    type = "policy-violation"
+
+
 def _iso(dt: datetime) -> str:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
@@ -118,8 +140,15 @@ class SessionService:
         max_resources: ResourceSlot,
         pending_timeout: float,
         heartbeat_timeout: float,
+        policy: str = "fifo",
+        selector: str = "auto",
     ) -> None:
         self.db = db
+        self.policy = policy
+        self.selector = selector
+        self.cluster = Cluster()
+        self.drained: set[str] = set()
+        self._seq = 0
         self.hub = hub
         self.default_resources = default_resources
         self.max_resources = max_resources
@@ -140,16 +169,22 @@ class SessionService:
                 state = SessionState(row.state)
                 if state.is_terminal:
                     continue
-                self.live[row.id] = Live(
+                live = Live(
                     id=row.id,
                     owner_id=row.owner_id,
                     image=row.image,
                     resources=ResourceSlot.parse(row.resources),
                     env=dict(row.env or {}),
                     state=state,
+                    seq=self._next_seq(),
                     agent_id=row.agent_id,
                     reason=row.reason,
                 )
+                self.live[row.id] = live
+                if row.agent_id and state.holds_resources:
+                    self.cluster.restore(row.id, self._allocation_of(live, row.devices or {}))
+            drained = await db.scalars(select(Agent.id).where(Agent.schedulable.is_(False)))
+            self.drained = set(drained)
         self._started = time.monotonic()
         self.registry.start()
         self._scheduler = asyncio.ensure_future(self._schedule_loop())
@@ -160,6 +195,15 @@ class SessionService:
         for task in [self._scheduler, *self._tasks]:
             if task:
                 task.cancel()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    @staticmethod
+    def _allocation_of(live: Live, devices: dict[str, dict[str, str]]) -> Allocation:
+        parsed = {p: {d: Decimal(a) for d, a in devs.items()} for p, devs in devices.items()}
+        return Allocation(live.agent_id or "", live.resources, parsed, live.owner_id)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -179,26 +223,30 @@ class SessionService:
             raise InvalidRequest("name must be a string of at most 128 characters")
         try:
             requested = ResourceSlot.parse(body.get("resources") or {})
+            resources = ResourceSlot({**self.default_resources, **requested}).clamp(self.max_resources)
+            validate_request(resources)
         except SlotError as e:
             raise InvalidRequest(f"resources: {e}") from None
         env = validate_env(body.get("env"))
         previous = await self._previous(user, body.get("restart_of"))
-        resources = ResourceSlot({**self.default_resources, **requested}).clamp(self.max_resources)
-        agents = self._agent_views()
-        if agents:
-            if not any(image_matches(image, a.images) for a in agents):
-                known = sorted({t for a in agents for t in a.images})
+        await self._check_policy(user, image, resources)
+        links = self.registry.alive()
+        if links:
+            known = sorted(
+                {normalize_image(t) for link in links for i in link.registration.images for t in i.tags}
+            )
+            if normalize_image(image) not in known:
                 raise UnknownImage(
                     f"unknown image {image!r}; agents have: {', '.join(known) or 'no images'}",
                     available=known,
                 )
-            too_big = exceeds_every_agent(resources, agents)
+            too_big = self.cluster.exceeds_every_agent(resources)
             if too_big:
                 raise InsufficientResources(too_big)
 
         sid = str(uuid.uuid4())
         now = datetime.now(UTC)
-        reason = "" if agents else "waiting: no agent is connected"
+        reason = "" if links else "waiting: no agent is connected"
         async with self.db() as db, db.begin():
             row = KernelSession(
                 id=sid,
@@ -218,11 +266,62 @@ class SessionService:
             db.add(first)
             await db.flush()
         self.live[sid] = Live(
-            sid, user.id, row.image, resources, env, SessionState.PENDING, reason=reason, previous=previous
+            sid,
+            user.id,
+            row.image,
+            resources,
+            env,
+            SessionState.PENDING,
+            seq=self._next_seq(),
+            reason=reason,
+            previous=previous,
         )
         self.hub.publish(self.event_of(row, first.id))
         self._wakeup.set()
         return session_json(row, with_connection=False)
+
+    async def _check_policy(self, user: User, image: str, resources: ResourceSlot) -> None:
+        """Refuse at once what the user's resource policy does not allow, naming the limit."""
+        if not user.policy:
+            return
+        async with self.db() as db:
+            policy = await db.get(ResourcePolicy, user.policy)
+        if policy is None:
+            return
+        if policy.allowed_images and not any(
+            fnmatch.fnmatchcase(normalize_image(image), normalize_image(p)) or fnmatch.fnmatchcase(image, p)
+            for p in policy.allowed_images
+        ):
+            raise PolicyViolation(
+                f"image {image} is not allowed by policy {policy.name} "
+                f"(allowed: {', '.join(policy.allowed_images)})",
+                limit="allowed_images",
+            )
+        mine = [s for s in self.live.values() if s.owner_id == user.id]
+        if policy.max_sessions is not None and len(mine) >= policy.max_sessions:
+            raise PolicyViolation(
+                f"policy {policy.name} allows {policy.max_sessions} sessions at once; you have {len(mine)}",
+                limit="max_sessions",
+            )
+        per_session = ResourceSlot.parse(policy.max_session_resources)
+        over = resources.shortfall({**_unlimited(resources), **per_session})
+        if over:
+            slot = over[0]
+            raise PolicyViolation(
+                f"policy {policy.name} allows at most {format_amount(slot, per_session[slot])} {slot} "
+                f"per session; requested {format_amount(slot, resources[slot])}",
+                limit=f"max_session_resources.{slot}",
+            )
+        total_limit = ResourceSlot.parse(policy.total_resources)
+        held = total(s.resources for s in mine) + resources
+        over = held.shortfall({**_unlimited(held), **total_limit})
+        if over:
+            slot = over[0]
+            raise PolicyViolation(
+                f"policy {policy.name} allows {format_amount(slot, total_limit[slot])} {slot} in total; "
+                f"with this request you would hold {format_amount(slot, held[slot])}",
+                limit=f"total_resources.{slot}",
+            )
 
     async def _previous(self, user: User, sid: object) -> tuple[str, dict[str, Any]] | None:
         """For a restart, the replaced session's agent and connection (it must be over)."""
@@ -336,19 +435,44 @@ class SessionService:
 
     def agent_usage(self, agent_id: str) -> tuple[ResourceSlot, int]:
         """What the agent's kernels hold, and how many kernels it has."""
-        mine = [s for s in self.live.values() if s.agent_id == agent_id]
-        return total(s.resources for s in mine if s.state in ALLOCATED_STATES), len(mine)
+        agent = self.cluster.agents.get(agent_id)
+        kernels = sum(1 for s in self.live.values() if s.agent_id == agent_id)
+        return (ResourceSlot(agent.used) if agent else ResourceSlot()), kernels
 
-    def _agent_views(self) -> list[AgentView]:
-        views = []
-        for link in self.registry.alive():
-            used, _ = self.agent_usage(link.id)
-            tags = frozenset(normalize_image(t) for i in link.registration.images for t in i.tags)
-            views.append(AgentView(link.id, link.registration.capacity, used, tags))
-        return views
+    def device_holders(self, agent_id: str) -> dict[str, list[str]]:
+        """Device id → the sessions holding (a part of) it."""
+        holders: dict[str, list[str]] = {}
+        for sid, alloc in self.cluster.allocations.items():
+            if alloc.agent_id == agent_id:
+                for devs in alloc.devices.values():
+                    for dev_id in devs:
+                        holders.setdefault(dev_id, []).append(sid)
+        return holders
+
+    async def set_drained(self, agent_id: str, drained: bool) -> None:
+        """Stop (or resume) new placements on an agent; its running kernels are not touched."""
+        if agent_id not in self.registry.links:
+            raise NotFound(f"no agent {agent_id}")
+        async with self.db() as db, db.begin():
+            row = await db.get(Agent, agent_id)
+            if row is not None:
+                row.schedulable = not drained
+        (self.drained.add if drained else self.drained.discard)(agent_id)
+        if agent_id in self.cluster.agents:
+            self.cluster.set_schedulable(agent_id, not drained and self.registry.links[agent_id].connected)
+        self._wakeup.set()
+
+    def agent_disconnected(self, agent_id: str) -> None:
+        """No new kernels go to an agent whose link is down (it may come back before it is lost)."""
+        if agent_id in self.cluster.agents:
+            self.cluster.set_schedulable(agent_id, False)
 
     async def agent_registered(self, reg: AgentRegistration) -> None:
         """Reconcile what a (re)connecting agent runs with what the gateway believes."""
+        images = {normalize_image(t) for i in reg.images for t in i.tags}
+        self.cluster.add_agent(reg.agent_id, reg.capacity, reg.devices, images)
+        self.cluster.set_schedulable(reg.agent_id, reg.agent_id not in self.drained)
+        await self._save_agent(reg)
         reported = {k.session_id: k for k in reg.kernels}
         for sid, report in reported.items():
             live = self.live.get(sid)
@@ -369,6 +493,19 @@ class SessionService:
                     live.id, SessionState.ERROR, "the kernel's container vanished while its agent was away"
                 )
         self._wakeup.set()
+
+    async def _save_agent(self, reg: AgentRegistration) -> None:
+        now = datetime.now(UTC)
+        async with self.db() as db, db.begin():
+            row = await db.get(Agent, reg.agent_id)
+            if row is None:
+                row = Agent(id=reg.agent_id, first_seen=now, schedulable=True)
+                db.add(row)
+            row.address = reg.address
+            row.status = "ALIVE"
+            row.capacity = reg.capacity.to_json()
+            row.images = sorted(t for i in reg.images for t in i.tags)
+            row.last_heartbeat = now
 
     async def _order_destroy(self, agent_id: str, sid: str) -> None:
         link = self.registry.get(agent_id)
@@ -404,6 +541,11 @@ class SessionService:
         )
 
     async def agent_lost(self, agent_id: str, reason: str) -> None:
+        self.cluster.remove_agent(agent_id)
+        async with self.db() as db, db.begin():
+            row = await db.get(Agent, agent_id)
+            if row is not None:
+                row.status = "LOST"
         for live in list(self.live.values()):
             if live.agent_id == agent_id and live.state in ALLOCATED_STATES:
                 await self._transition(live.id, SessionState.LOST, reason)
@@ -437,45 +579,45 @@ class SessionService:
                 )
 
     async def _schedule_pending(self) -> None:
-        pending = sorted(
-            (s for s in self.live.values() if s.state == SessionState.PENDING), key=lambda s: s.created
-        )
+        pending = [s for s in self.live.values() if s.state == SessionState.PENDING]
         if not pending:
             return
-        agents = self._agent_views()
-        for live in pending:
-            waited = time.monotonic() - live.created
-            too_big = exceeds_every_agent(live.resources, agents)
+        if not self.registry.alive():
+            return  # keep the "no agent is connected" reason until one is
+        requests = [
+            Request(s.id, s.owner_id, s.resources, s.image, s.seq, s.previous[0] if s.previous else None)
+            for s in pending
+        ]
+        for decision in run_pass(self.cluster, requests, self.policy, self.selector):
+            live = self.live[decision.request.session_id]
+            alloc = decision.allocation
+            if alloc is not None:
+                live.agent_id = alloc.agent_id
+                await self._transition(
+                    live.id,
+                    SessionState.SCHEDULED,
+                    f"placed on agent {alloc.agent_id}" + _describe_devices(alloc),
+                    agent_id=alloc.agent_id,
+                    devices=alloc.devices_json(),
+                )
+                self._spawn(self._start_on_agent(live, alloc))
+                continue
+            too_big = self.cluster.exceeds_every_agent(live.resources)
             if too_big:
                 await self._transition(live.id, SessionState.ERROR, too_big)
-                continue
-            prefer = live.previous[0] if live.previous else None
-            decision = first_fit(live.resources, live.image, agents, prefer)
-            if decision.agent_id is None:
-                if self.pending_timeout and waited > self.pending_timeout:
-                    await self._transition(
-                        live.id,
-                        SessionState.ERROR,
-                        f"not placed within {self.pending_timeout:.0f} s ({decision.reason})",
-                    )
-                elif decision.reason != live.reason:
-                    await self._transition(live.id, SessionState.PENDING, decision.reason, force=True)
-                continue
-            live.agent_id = decision.agent_id
-            await self._transition(
-                live.id,
-                SessionState.SCHEDULED,
-                f"placed on agent {decision.agent_id}",
-                agent_id=decision.agent_id,
-            )
-            for a in agents:
-                if a.id == decision.agent_id:
-                    a.used = a.used + live.resources
-            self._spawn(self._start_on_agent(live))
+            elif self.pending_timeout and time.monotonic() - live.created > self.pending_timeout:
+                await self._transition(
+                    live.id,
+                    SessionState.ERROR,
+                    f"not placed within {self.pending_timeout:.0f} s ({decision.reason})",
+                )
+            elif decision.reason != live.reason:
+                await self._transition(live.id, SessionState.PENDING, decision.reason, force=True)
 
-    async def _start_on_agent(self, live: Live) -> None:
+    async def _start_on_agent(self, live: Live, alloc: Allocation) -> None:
         link = self.registry.get(live.agent_id or "")
         order = CreateKernel(live.id, live.image, live.resources, live.env, live.owner_id)
+        order.devices = alloc.devices_json()
         if live.previous and live.previous[0] == live.agent_id:
             order.reuse = live.previous[1]
         try:
@@ -519,6 +661,7 @@ class SessionService:
             live.reason = reason
             if state.is_terminal:
                 del self.live[sid]
+                self.cluster.release(sid)
                 self._wakeup.set()  # resources came free
         self.hub.publish(self.event_of(row, transition.id))
         return row

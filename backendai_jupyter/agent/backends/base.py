@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...common.slots import ResourceSlot
 from ...common.wire import ImageInfo
@@ -42,6 +43,8 @@ class KernelLaunch:
     owner: str
     host_ports: dict[str, int]
     connection_file: str  # on the host, mounted read-only into the container
+    device_requests: list[Any] = field(default_factory=list)  # from accelerator plugins
+    volumes: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass

@@ -97,7 +97,11 @@ class DockerBackend(ContainerBackend):
             },
             environment=launch.env,
             ports=ports,
-            volumes={launch.connection_file: {"bind": CONNECTION_FILE_IN_CONTAINER, "mode": "ro"}},
+            volumes={
+                launch.connection_file: {"bind": CONNECTION_FILE_IN_CONTAINER, "mode": "ro"},
+                **launch.volumes,
+            },
+            device_requests=launch.device_requests or None,
             user=self.kernel_user,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],

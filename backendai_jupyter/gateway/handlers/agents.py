@@ -9,6 +9,7 @@ from typing import Any
 
 from tornado import websocket
 
+from ...common.errors import Forbidden
 from ...common.wire import AgentRegistration, KernelReport
 from ..sessions import SessionService
 from .base import ApiHandler
@@ -17,25 +18,50 @@ log = logging.getLogger(__name__)
 
 
 class AgentsHandler(ApiHandler):
-    """List agents with capacity and what is in use."""
+    """List agents with capacity, use, devices (who holds each) and live device numbers."""
 
     async def get(self) -> None:
+        sessions = self.sessions
         out = []
-        for link in self.sessions.registry.links.values():
-            used, kernels = self.sessions.agent_usage(link.id)
+        for link in sessions.registry.links.values():
+            used, kernels = sessions.agent_usage(link.id)
             reg = link.registration
+            holders = sessions.device_holders(link.id)
+            stats = {s["id"]: s for s in link.device_stats}
+            mine = self.current_user.is_admin
             out.append(
                 {
                     "id": link.id,
                     "address": reg.address,
                     "status": "LOST" if link.lost else ("ALIVE" if link.connected else "DISCONNECTED"),
+                    "schedulable": link.id not in sessions.drained,
                     "capacity": reg.capacity.to_json(),
                     "used": used.to_json(),
                     "images": sorted(t for i in reg.images for t in i.tags),
                     "kernels": kernels,
+                    "devices": [
+                        {
+                            **d.to_json(),
+                            "label": f"{d.model}"
+                            + ("" if "mock" in d.model.lower() or not d.mock else " (mock)"),
+                            "held_by": holders.get(d.id, []) if mine else len(holders.get(d.id, [])),
+                            "stats": stats.get(d.id),
+                        }
+                        for d in reg.devices
+                    ],
                 }
             )
         self.write_json({"agents": out})
+
+
+class DrainHandler(ApiHandler):
+    """POST /v1/agents/{id}/drain or /undrain (admins): stop or resume new placements there."""
+
+    async def post(self, agent_id: str, action: str) -> None:
+        if not self.current_user.is_admin:
+            raise Forbidden("only admins can drain agents")
+        await self.sessions.set_drained(agent_id, action == "drain")
+        self.write_json({"id": agent_id, "schedulable": action == "undrain"})
 
 
 class AgentConnectHandler(websocket.WebSocketHandler):
@@ -80,7 +106,7 @@ class AgentConnectHandler(websocket.WebSocketHandler):
             elif self.agent_id is None:
                 self.close(4001, "register first")
             elif kind == "heartbeat":
-                self.sessions.registry.heartbeat(self.agent_id)
+                self.sessions.registry.heartbeat(self.agent_id, msg.get("device_stats"))
             elif kind == "reply":
                 link = self.sessions.registry.get(self.agent_id)
                 if link:
@@ -94,3 +120,4 @@ class AgentConnectHandler(websocket.WebSocketHandler):
         if self.agent_id:
             log.info("agent %s disconnected", self.agent_id)
             self.sessions.registry.connection_closed(self.agent_id, self)
+            self.sessions.agent_disconnected(self.agent_id)

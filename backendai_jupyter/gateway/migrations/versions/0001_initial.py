@@ -1,4 +1,4 @@
-"""initial schema: users, keypairs, agents, kernel sessions and their transitions
+"""initial schema: policies, users, keypairs, agents, kernel sessions and their transitions
 
 Revision ID: 0001
 Revises:
@@ -16,11 +16,26 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table(
+        "resource_policies",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("max_sessions", sa.Integer, nullable=True),
+        sa.Column("max_session_resources", sa.JSON, nullable=False),
+        sa.Column("total_resources", sa.JSON, nullable=False),
+        sa.Column("allowed_images", sa.JSON, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
         "users",
         sa.Column("id", sa.String(36), primary_key=True),
         sa.Column("name", sa.String(64), nullable=False, unique=True),
         sa.Column("is_admin", sa.Boolean, nullable=False),
         sa.Column("disabled", sa.Boolean, nullable=False),
+        sa.Column(
+            "policy",
+            sa.String(64),
+            sa.ForeignKey("resource_policies.name", ondelete="SET NULL"),
+            nullable=True,
+        ),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_table(
@@ -36,6 +51,7 @@ def upgrade() -> None:
         sa.Column("id", sa.String(64), primary_key=True),
         sa.Column("address", sa.String(255), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("schedulable", sa.Boolean, nullable=False),
         sa.Column("capacity", sa.JSON, nullable=False),
         sa.Column("images", sa.JSON, nullable=False),
         sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
@@ -53,6 +69,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("agent_id", sa.String(64), nullable=True),
+        sa.Column("devices", sa.JSON, nullable=False),
         sa.Column("connection", sa.JSON, nullable=True),
         sa.Column("exit_code", sa.Integer, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -83,3 +100,4 @@ def downgrade() -> None:
     op.drop_table("agents")
     op.drop_table("keypairs")
     op.drop_table("users")
+    op.drop_table("resource_policies")

@@ -1,0 +1,1 @@
+"""Accelerator plugins: discover devices, offer slots, hand devices to containers, report stats."""
