@@ -253,6 +253,20 @@ class ImagesApp(Application):
         self.exit(main(argv))
 
 
+class AdminApp(Application):
+    name = "backendai-jupyter admin"
+    description = "Manage users, resource policies and agents (needs an admin keypair)."
+
+    def parse_command_line(self, argv: list[str] | None = None) -> None:
+        # Everything after `admin` belongs to its own argument parser.
+        self.extra_args = list(argv if argv is not None else sys.argv[1:])
+
+    def start(self) -> None:
+        from .admin_cli import main
+
+        self.exit(main(self.extra_args))
+
+
 class BackendAIJupyterApp(Application):
     name = "backendai-jupyter"
     version = __version__
@@ -264,6 +278,7 @@ class BackendAIJupyterApp(Application):
         "status": (StatusApp, StatusApp.description),
         "kernelspecs": (KernelspecsApp, KernelspecsApp.description),
         "images": (ImagesApp, ImagesApp.description),
+        "admin": (AdminApp, AdminApp.description),
     }
 
     def start(self) -> None:

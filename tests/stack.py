@@ -185,3 +185,100 @@ def _answers(url: str) -> bool:
         return requests.get(url + "/api", timeout=2).ok
     except requests.ConnectionError:
         return False
+
+
+class Cluster:
+    """A gateway and an agent as separate processes, the way several hosts would run them."""
+
+    def __init__(self, tmp: Path, agent_id: str, port_range: str, *gateway_args: str) -> None:
+        self.tmp, self.agent_id, self.port_range = tmp, agent_id, port_range
+        self.gateway_args = gateway_args
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.gateway_runs = 0
+        self.start_gateway()
+        keys = json.loads((tmp / "gw" / "admin-keypair.json").read_text())
+        self.api = Api(ClientConfig(self.url, keys["access_key"], keys["secret_key"]))
+        self.agent: subprocess.Popen[str] | None = None
+        self.agent_runs = 0
+        self.others: dict[str, subprocess.Popen[str]] = {}
+
+    def start_gateway(self) -> None:
+        self.gateway_runs += 1
+        log = self.tmp / f"gateway{self.gateway_runs}.log"
+        self.gateway = subprocess.Popen(
+            [
+                BAI,
+                "gateway",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.tmp / "gw"),
+                *self.gateway_args,
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_for_line(self.gateway, log, "gateway ready")
+
+    def start_agent(self) -> None:
+        self.agent_runs += 1
+        log = self.tmp / f"agent{self.agent_runs}.log"
+        env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
+        self.agent = subprocess.Popen(
+            [
+                BAI,
+                "agent",
+                f"--gateway-url={self.url}",
+                f"--id={self.agent_id}",
+                f"--port-range={self.port_range}",
+                f"--state-dir={self.tmp / 'agent'}",
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        wait_for_line(self.agent, log, "registered with the gateway")
+
+    def agent_status(self) -> str:
+        agents = self.api("GET", "/v1/agents")["agents"]
+        return next((a["status"] for a in agents if a["id"] == self.agent_id), "")
+
+    def add_agent(self, agent_id: str, port_range: str, *args: str) -> subprocess.Popen[str]:
+        """Another agent process with its own id, ports and state directory."""
+        log = self.tmp / f"agent-{agent_id}.log"
+        env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
+        proc = subprocess.Popen(
+            [
+                BAI,
+                "agent",
+                f"--gateway-url={self.url}",
+                f"--id={agent_id}",
+                f"--port-range={port_range}",
+                f"--state-dir={self.tmp / ('agent-' + agent_id)}",
+                *args,
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        wait_for_line(proc, log, "registered with the gateway")
+        self.others[agent_id] = proc
+        return proc
+
+    def client_config(self) -> Path:
+        """A client config file for this cluster's admin (for the CLI and kernelspecs)."""
+        path = self.tmp / "client.json"
+        self.api.config.save(path)
+        return path
+
+    def close(self) -> None:
+        for p in (self.agent, *self.others.values(), self.gateway):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                p.wait(30)
+        for agent_id in (self.agent_id, *self.others):
+            remove_containers(agent_id)

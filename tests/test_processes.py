@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from backendai_jupyter.common.clientconfig import ClientConfig
-
 from .stack import (
     AGENT_LABEL,
-    BAI,
-    Api,
+    Cluster,
     eventually,
-    free_port,
     port_is_free,
     remove_containers,
     start_up,
-    wait_for_line,
 )
 
 pytestmark = pytest.mark.docker
@@ -53,72 +45,6 @@ def test_ctrl_c_on_up_shuts_down_its_kernels_and_exits_cleanly(tmp_path: Path, d
     finally:
         s.stop(signal.SIGKILL)
         remove_containers("test-ctrl-c")
-
-
-class Cluster:
-    """A gateway and an agent as separate processes, the way several hosts would run them."""
-
-    def __init__(self, tmp: Path, agent_id: str, port_range: str, *gateway_args: str) -> None:
-        self.tmp, self.agent_id, self.port_range = tmp, agent_id, port_range
-        self.gateway_args = gateway_args
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.gateway_runs = 0
-        self.start_gateway()
-        keys = json.loads((tmp / "gw" / "admin-keypair.json").read_text())
-        self.api = Api(ClientConfig(self.url, keys["access_key"], keys["secret_key"]))
-        self.agent: subprocess.Popen[str] | None = None
-        self.agent_runs = 0
-
-    def start_gateway(self) -> None:
-        self.gateway_runs += 1
-        log = self.tmp / f"gateway{self.gateway_runs}.log"
-        self.gateway = subprocess.Popen(
-            [
-                BAI,
-                "gateway",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.tmp / "gw"),
-                *self.gateway_args,
-            ],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        wait_for_line(self.gateway, log, "gateway ready")
-
-    def start_agent(self) -> None:
-        self.agent_runs += 1
-        log = self.tmp / f"agent{self.agent_runs}.log"
-        env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
-        self.agent = subprocess.Popen(
-            [
-                BAI,
-                "agent",
-                f"--gateway-url={self.url}",
-                f"--id={self.agent_id}",
-                f"--port-range={self.port_range}",
-                f"--state-dir={self.tmp / 'agent'}",
-            ],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        wait_for_line(self.agent, log, "registered with the gateway")
-
-    def agent_status(self) -> str:
-        agents = self.api("GET", "/v1/agents")["agents"]
-        return next((a["status"] for a in agents if a["id"] == self.agent_id), "")
-
-    def close(self) -> None:
-        for p in (self.agent, self.gateway):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                p.wait(30)
-        remove_containers(self.agent_id)
 
 
 @pytest.fixture

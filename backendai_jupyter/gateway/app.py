@@ -19,6 +19,7 @@ from ..common.wire import AGENT_WS_PATH
 from . import db as dbmod
 from .auth import Authenticator
 from .events import EventHub
+from .handlers.admin import PoliciesHandler, PolicyHandler, UserHandler, UsersHandler
 from .handlers.agents import AgentConnectHandler, AgentsHandler, DrainHandler
 from .handlers.base import ApiHandler, NotFoundHandler
 from .handlers.sessions import (
@@ -189,6 +190,10 @@ class Gateway(LoggingConfigurable):
             [
                 (r"/v1/?", InfoHandler),
                 (AGENT_WS_PATH, AgentConnectHandler),
+                (r"/v1/admin/users/?", UsersHandler),
+                (r"/v1/admin/users/(?P<name>[^/]+)", UserHandler),
+                (r"/v1/admin/policies/?", PoliciesHandler),
+                (r"/v1/admin/policies/(?P<name>[^/]+)", PolicyHandler),
                 (r"/v1/agents/?", AgentsHandler),
                 (r"/v1/agents/(?P<agent_id>[^/]+)/(?P<action>drain|undrain)", DrainHandler),
                 (r"/v1/sessions/?", SessionsHandler),

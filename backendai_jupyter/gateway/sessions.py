@@ -95,6 +95,7 @@ def session_json(row: KernelSession, *, with_connection: bool) -> dict[str, Any]
         "state": row.state,
         "reason": row.reason,
         "agent": row.agent_id,
+        "devices": row.devices or {},
         "exit_code": row.exit_code,
         "created_at": _iso(row.created_at),
         "updated_at": _iso(row.updated_at),
