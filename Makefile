@@ -33,7 +33,8 @@ demo: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy backendai_jupyter/common backendai_jupyter/provisioner backendai_jupyter/agent/backends/base.py
+	$(VENV)/bin/mypy backendai_jupyter/common backendai_jupyter/provisioner backendai_jupyter/agent/backends/base.py \
+		backendai_jupyter/agent/accelerators
 
 test: setup lint
 	@bash scripts/ensure-browser.sh

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -198,6 +199,9 @@ def test_a_request_that_must_wait_says_why_can_be_cancelled_and_starts_when_room
         assert model["state"] == "PENDING"
         cpu = me["capacity"]["cpu"]
         assert model["reason"] == f"waiting: {cpu} cpu requested, most free on any agent is 0"
+        # The event stream says the same to whoever watches the launch.
+        (first_event,) = asyncio.run(_events(stack, cancelled, {"PENDING"}))
+        assert first_event["reason"] == model["reason"]
         assert stack.api("DELETE", f"/v1/sessions/{cancelled}")["state"] == "CANCELLED"
         waiting = stack.api("POST", "/v1/sessions", {"image": IMAGE, "resources": whole})["id"]
         eventually(lambda: stack.api("GET", f"/v1/sessions/{waiting}")["reason"].startswith("waiting"))

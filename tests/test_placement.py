@@ -42,7 +42,9 @@ def gpus(tmp_path_factory, docker_engine):
 
 
 def _end_all(c: Cluster) -> None:
-    for s in c.api("GET", "/v1/sessions?active=1")["sessions"]:
+    # Cancel the waiting ones first, or each ended kernel would let the next one start.
+    active = c.api("GET", "/v1/sessions?active=1")["sessions"]
+    for s in sorted(active, key=lambda s: s["state"] != "PENDING"):
         c.api("DELETE", f"/v1/sessions/{s['id']}")
 
 

@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from backendai_jupyter.common.slots import ResourceSlot, SlotError
 from backendai_jupyter.common.wire import Device
-from backendai_jupyter.gateway.scheduler import Cluster, Request, run_pass, validate_request
+from backendai_jupyter.gateway.scheduler import Cluster, Request, run_pass, validate_request, with_position
 
 IMG = "img:latest"
 
@@ -149,8 +149,9 @@ def test_waiting_requests_say_how_many_are_ahead():
     c.add_agent("a", cap(cpu=2), [], [IMG])
     decisions = run_pass(c, [req(f"s{i}", seq=i, cpu=2) for i in range(4)], "fifo", "auto")
     assert decisions[0].allocation and not decisions[1].allocation
-    assert decisions[1].reason.endswith("most free on any agent is 0")
-    assert decisions[3].reason.endswith("; 2 requests ahead")
+    assert decisions[1].reason.endswith("most free on any agent is 0") and decisions[1].ahead == 0
+    assert decisions[3].ahead == 2
+    assert with_position(decisions[3].reason, 2).endswith("; 2 requests ahead")
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..common.errors import (
@@ -34,7 +34,15 @@ from ..common.wire import AgentRegistration, CreateKernel, KernelReport
 from .events import EventHub
 from .models import Agent, KernelSession, ResourcePolicy, SessionTransition, User
 from .registry import AgentRegistry
-from .scheduler import Allocation, Cluster, Request, normalize_image, run_pass, validate_request
+from .scheduler import (
+    Allocation,
+    Cluster,
+    Request,
+    normalize_image,
+    run_pass,
+    validate_request,
+    with_position,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,7 @@ class Live:
     state: SessionState
     created: float = field(default_factory=time.monotonic)
     seq: int = 0
+    ahead: int = 0  # while pending: waiting requests before this one
     agent_id: str | None = None
     reason: str = ""
     # A restart: the agent and connection of the session this one replaces.
@@ -150,6 +159,7 @@ class SessionService:
         self.cluster = Cluster()
         self.drained: set[str] = set()
         self._seq = 0
+        self._last_event: dict[str, dict[str, Any]] = {}
         self.hub = hub
         self.default_resources = default_resources
         self.max_resources = max_resources
@@ -277,7 +287,7 @@ class SessionService:
             reason=reason,
             previous=previous,
         )
-        self.hub.publish(self.event_of(row, first.id))
+        self._publish(row, first.id)
         self._wakeup.set()
         return session_json(row, with_connection=False)
 
@@ -355,18 +365,32 @@ class SessionService:
             if active_only:
                 q = q.where(KernelSession.id.in_(list(self.live)))
             rows = (await db.scalars(q)).all()
-        return [session_json(r, with_connection=r.owner_id == user.id) for r in rows]
+        return [self.describe(r, with_connection=r.owner_id == user.id) for r in rows]
 
     async def snapshot(self, user: User, sid: str) -> dict[str, Any]:
-        """The event that describes the session's state now (for a stream's first message)."""
+        """The event that describes the session's state now (for a stream's first message).
+
+        State, reason and seq come from one transition row, read before the session row, so
+        the seq matches the state exactly and the row (for the connection) is at least as new.
+        """
         async with self.db() as db:
-            row = await db.get(KernelSession, sid)
-            seq = await db.scalar(
-                select(func.max(SessionTransition.id)).where(SessionTransition.session_id == sid)
-            )
-        if row is None or (row.owner_id != user.id and not user.is_admin):
+            last = (
+                await db.scalars(
+                    select(SessionTransition)
+                    .where(SessionTransition.session_id == sid)
+                    .order_by(SessionTransition.id.desc())
+                    .limit(1)
+                )
+            ).first()
+            row = await db.get(KernelSession, sid, populate_existing=True)
+        if row is None or last is None or (row.owner_id != user.id and not user.is_admin):
             raise NotFound(f"no kernel session {sid}")
-        return self.event_of(row, seq or 0)
+        event = self.event_of(row, last.id)
+        if last.state != row.state:
+            event.update(state=last.state, reason=last.reason, at=_iso(last.at))
+            event.pop("connection", None)
+            event.pop("requests_ahead", None)
+        return event
 
     async def transitions(self, sid: str) -> list[dict[str, Any]]:
         async with self.db() as db:
@@ -613,7 +637,12 @@ class SessionService:
                     f"not placed within {self.pending_timeout:.0f} s ({decision.reason})",
                 )
             elif decision.reason != live.reason:
+                live.ahead = decision.ahead
                 await self._transition(live.id, SessionState.PENDING, decision.reason, force=True)
+            elif decision.ahead != live.ahead:
+                # The place in line moves with every start and end: told, not stored as a transition.
+                live.ahead = decision.ahead
+                self.hub.publish({**self._last_event[live.id], **self._position(live)})
 
     async def _start_on_agent(self, live: Live, alloc: Allocation) -> None:
         link = self.registry.get(live.agent_id or "")
@@ -664,11 +693,19 @@ class SessionService:
                 del self.live[sid]
                 self.cluster.release(sid)
                 self._wakeup.set()  # resources came free
-        self.hub.publish(self.event_of(row, transition.id))
+        self._publish(row, transition.id)
         return row
 
-    @staticmethod
-    def event_of(row: KernelSession, seq: int) -> dict[str, Any]:
+    def _position(self, live: Live | None) -> dict[str, Any]:
+        if live is None or live.state != SessionState.PENDING or not live.reason.startswith("waiting"):
+            return {}
+        return {"reason": with_position(live.reason, live.ahead), "requests_ahead": live.ahead}
+
+    def describe(self, row: KernelSession, *, with_connection: bool) -> dict[str, Any]:
+        """The API model, with the live place in line of a waiting session."""
+        return {**session_json(row, with_connection=with_connection), **self._position(self.live.get(row.id))}
+
+    def event_of(self, row: KernelSession, seq: int) -> dict[str, Any]:
         """The event for a session's current state; ``seq`` orders events (transition id)."""
         event = {
             "seq": seq,
@@ -682,4 +719,13 @@ class SessionService:
         }
         if row.state == SessionState.RUNNING.value and row.connection:
             event["connection"] = row.connection
+        event.update(self._position(self.live.get(row.id)))
         return event
+
+    def _publish(self, row: KernelSession, seq: int) -> None:
+        event = self.event_of(row, seq)
+        if SessionState(row.state).is_terminal:
+            self._last_event.pop(row.id, None)
+        else:
+            self._last_event[row.id] = event
+        self.hub.publish(event)

@@ -9,7 +9,6 @@ from typing import Any
 from tornado import websocket
 
 from ...common.errors import ApiError
-from ..sessions import session_json
 from .base import ApiHandler, AuthMixin
 
 
@@ -31,7 +30,7 @@ class SessionsHandler(ApiHandler):
 class SessionHandler(ApiHandler):
     async def get(self, sid: str) -> None:
         row = await self.sessions.get_row(self.current_user, sid)
-        model = session_json(row, with_connection=row.owner_id == self.current_user.id)
+        model = self.sessions.describe(row, with_connection=row.owner_id == self.current_user.id)
         model["transitions"] = await self.sessions.transitions(sid)
         self.write_json(model)
 
@@ -97,8 +96,9 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
         try:
             while True:
                 event = await self._queue.get()
-                # Changes that were already in the snapshot were queued too: skip them.
-                if event["seq"] > after:
+                # Changes that were already in the snapshot were queued too: skip them. A moved
+                # place in line repeats the last transition's seq and always goes out.
+                if event["seq"] > after or "requests_ahead" in event:
                     self._send(event)
         except websocket.WebSocketClosedError:
             pass

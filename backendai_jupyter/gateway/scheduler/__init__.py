@@ -1,7 +1,7 @@
 """Placement: the cluster's books, scheduling policies and agent selectors."""
 
 from .cluster import AgentState, Allocation, Cluster, validate_request
-from .placement import POLICIES, SELECTORS, Decision, Request, choose, run_pass
+from .placement import POLICIES, SELECTORS, Decision, Request, choose, run_pass, with_position
 
 
 def normalize_image(name: str) -> str:
@@ -22,4 +22,5 @@ __all__ = [
     "normalize_image",
     "run_pass",
     "validate_request",
+    "with_position",
 ]

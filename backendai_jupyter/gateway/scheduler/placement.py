@@ -40,6 +40,7 @@ class Decision:
     request: Request
     allocation: Allocation | None
     reason: str = ""
+    ahead: int = 0  # waiting requests the policy serves before this one
 
 
 def wants_accelerators(request: ResourceSlot) -> bool:
@@ -88,6 +89,11 @@ def _dominant(held: ResourceSlot, capacity: ResourceSlot) -> Decimal:
     return max((v / capacity[k] for k, v in held.items() if capacity.get(k, 0) > 0), default=Decimal(0))
 
 
+def with_position(reason: str, ahead: int) -> str:
+    """A waiting reason with the requests ahead in line appended."""
+    return f"{reason}; {ahead} request{'s' if ahead > 1 else ''} ahead" if ahead else reason
+
+
 def run_pass(cluster: Cluster, pending: list[Request], policy: str, selector: str) -> list[Decision]:
     """Place what fits, in policy order; everything else gets its reason and place in line."""
     decisions: list[Decision] = []
@@ -99,8 +105,6 @@ def run_pass(cluster: Cluster, pending: list[Request], policy: str, selector: st
             decisions.append(Decision(request, alloc))
             continue
         reason = "waiting: " + cluster.shortfall_reason(request.resources, request.image)
-        if waiting:
-            reason += f"; {waiting} request{'s' if waiting > 1 else ''} ahead"
-        decisions.append(Decision(request, None, reason))
+        decisions.append(Decision(request, None, reason, ahead=waiting))
         waiting += 1
     return decisions
