@@ -8,7 +8,14 @@ PORT=${BACKENDAI_GATEWAY_PORT:-8470}
 LAB_PORT=${LAB_PORT:-8888}
 LOG=$(mktemp -t backendai-up.XXXXXX.log)
 
-"$VENV/bin/backendai-jupyter" up --port "$PORT" >"$LOG" 2>&1 &
+UP_ARGS=(--port "$PORT")
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    # No NVIDIA GPU here: the demo agent declares two mock GPUs (labelled mock everywhere), so the
+    # "Python 3 · 1 GPU" kernel shows how GPU placement works.
+    UP_ARGS+=(--Agent.mock_devices=2)
+    echo "No NVIDIA GPU found: the demo agent offers 2 mock GPUs."
+fi
+"$VENV/bin/backendai-jupyter" up "${UP_ARGS[@]}" >"$LOG" 2>&1 &
 UP_PID=$!
 cleanup() {
     kill -INT "$UP_PID" 2>/dev/null || true

@@ -138,3 +138,20 @@ def test_a_restarted_gateway_loses_no_kernel(cluster: Cluster):
     kc.stop_channels()
     cluster.api("DELETE", f"/v1/sessions/{sid}")
     assert not cluster_containers(cluster)
+
+
+def test_a_request_that_waits_too_long_ends_with_the_reason(tmp_path: Path, docker_engine):
+    cluster = Cluster(tmp_path, "test-timeout", "31950-31999", "--Gateway.pending_timeout=2")
+    try:
+        cluster.add_agent("test-timeout", "31950-31999", "--cpu=1", "--Agent.accelerators=[]")
+        first = cluster.api("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cpu": "1"}})["id"]
+        cluster.api.wait_state(first, {"RUNNING"})
+        second = cluster.api("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cpu": "1"}})["id"]
+        model = cluster.api.wait_state(second, {"ERROR"}, timeout=10)
+        assert model["reason"] == (
+            "not placed within 2 s (waiting: 1 cpu requested, most free on any agent is 0)"
+        )
+        gpu = cluster.api.request("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cuda.device": 1}})
+        assert gpu.status_code == 400 and "no agent offers cuda.device" in gpu.json()["title"]
+    finally:
+        cluster.close()

@@ -301,6 +301,11 @@ class Cluster:
                 largest = max(
                     (Decimal(d.shares) for a in agents for d in a.devices_of(plugin_of(slot))), default=0
                 )
+            if request[slot] > largest and largest == 0 and slot_kind(slot) in ("device", "shares"):
+                return (
+                    f"requested {format_amount(slot, request[slot])} {slot}, but no agent offers {slot}: "
+                    f"connect an agent with {plugin_of(slot)} devices (or mock ones: --Agent.mock_devices=N)"
+                )
             if request[slot] > largest:
                 return (
                     f"requested {format_amount(slot, request[slot])} {slot}, but the largest agent "
