@@ -160,6 +160,7 @@ class SessionService:
         self.drained: set[str] = set()
         self._seq = 0
         self._last_event: dict[str, dict[str, Any]] = {}
+        self._user_locks: dict[str, asyncio.Lock] = {}
         self.hub = hub
         self.default_resources = default_resources
         self.max_resources = max_resources
@@ -240,53 +241,55 @@ class SessionService:
             raise InvalidRequest(f"resources: {e}") from None
         env = validate_env(body.get("env"))
         previous = await self._previous(user, body.get("restart_of"))
-        await self._check_policy(user, image, resources)
-        links = self.registry.alive()
-        if links:
-            known = sorted(
-                {normalize_image(t) for link in links for i in link.registration.images for t in i.tags}
-            )
-            if normalize_image(image) not in known:
-                raise UnknownImage(
-                    f"unknown image {image!r}; agents have: {', '.join(known) or 'no images'}",
-                    available=known,
+        # Check and insert under the user's lock: concurrent requests cannot all pass a limit.
+        async with self._user_locks.setdefault(user.id, asyncio.Lock()):
+            await self._check_policy(user, image, resources)
+            links = self.registry.alive()
+            if links:
+                known = sorted(
+                    {normalize_image(t) for link in links for i in link.registration.images for t in i.tags}
                 )
-            too_big = self.cluster.exceeds_every_agent(resources)
-            if too_big:
-                raise InsufficientResources(too_big)
+                if normalize_image(image) not in known:
+                    raise UnknownImage(
+                        f"unknown image {image!r}; agents have: {', '.join(known) or 'no images'}",
+                        available=known,
+                    )
+                too_big = self.cluster.exceeds_every_agent(resources)
+                if too_big:
+                    raise InsufficientResources(too_big)
 
-        sid = str(uuid.uuid4())
-        now = datetime.now(UTC)
-        reason = "" if links else "waiting: no agent is connected"
-        async with self.db() as db, db.begin():
-            row = KernelSession(
-                id=sid,
-                name=name,
-                owner_id=user.id,
-                access_key=access_key,
-                image=normalize_image(image),
-                resources=resources.to_json(),
-                env=env,
-                state=SessionState.PENDING.value,
+            sid = str(uuid.uuid4())
+            now = datetime.now(UTC)
+            reason = "" if links else "waiting: no agent is connected"
+            async with self.db() as db, db.begin():
+                row = KernelSession(
+                    id=sid,
+                    name=name,
+                    owner_id=user.id,
+                    access_key=access_key,
+                    image=normalize_image(image),
+                    resources=resources.to_json(),
+                    env=env,
+                    state=SessionState.PENDING.value,
+                    reason=reason,
+                    created_at=now,
+                    updated_at=now,
+                )
+                db.add(row)
+                first = SessionTransition(session_id=sid, state=row.state, reason=reason, at=now)
+                db.add(first)
+                await db.flush()
+            self.live[sid] = Live(
+                sid,
+                user.id,
+                row.image,
+                resources,
+                env,
+                SessionState.PENDING,
+                seq=self._next_seq(),
                 reason=reason,
-                created_at=now,
-                updated_at=now,
+                previous=previous,
             )
-            db.add(row)
-            first = SessionTransition(session_id=sid, state=row.state, reason=reason, at=now)
-            db.add(first)
-            await db.flush()
-        self.live[sid] = Live(
-            sid,
-            user.id,
-            row.image,
-            resources,
-            env,
-            SessionState.PENDING,
-            seq=self._next_seq(),
-            reason=reason,
-            previous=previous,
-        )
         self._publish(row, first.id)
         self._wakeup.set()
         return session_json(row, with_connection=False)
