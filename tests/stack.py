@@ -223,24 +223,27 @@ class Cluster:
         wait_for_line(self.gateway, log, "gateway ready")
 
     def start_agent(self) -> None:
+        """(Re)start the main agent; its state directory survives restarts."""
         self.agent_runs += 1
-        log = self.tmp / f"agent{self.agent_runs}.log"
+        self.agent = self._agent(self.agent_id, self.port_range, "agent", f"agent{self.agent_runs}.log")
+
+    def _agent(
+        self, agent_id: str, port_range: str, state: str, log_name: str, *args: str
+    ) -> subprocess.Popen[str]:
+        log = self.tmp / log_name
         env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
-        self.agent = subprocess.Popen(
-            [
-                BAI,
-                "agent",
-                f"--gateway-url={self.url}",
-                f"--id={self.agent_id}",
-                f"--port-range={self.port_range}",
-                f"--state-dir={self.tmp / 'agent'}",
-            ],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        wait_for_line(self.agent, log, "registered with the gateway")
+        cmd = [
+            BAI,
+            "agent",
+            f"--gateway-url={self.url}",
+            f"--id={agent_id}",
+            f"--port-range={port_range}",
+            f"--state-dir={self.tmp / state}",
+            *args,
+        ]
+        proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env)
+        wait_for_line(proc, log, "registered with the gateway")
+        return proc
 
     def agent_status(self) -> str:
         agents = self.api("GET", "/v1/agents")["agents"]
@@ -248,24 +251,7 @@ class Cluster:
 
     def add_agent(self, agent_id: str, port_range: str, *args: str) -> subprocess.Popen[str]:
         """Another agent process with its own id, ports and state directory."""
-        log = self.tmp / f"agent-{agent_id}.log"
-        env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
-        proc = subprocess.Popen(
-            [
-                BAI,
-                "agent",
-                f"--gateway-url={self.url}",
-                f"--id={agent_id}",
-                f"--port-range={port_range}",
-                f"--state-dir={self.tmp / ('agent-' + agent_id)}",
-                *args,
-            ],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        wait_for_line(proc, log, "registered with the gateway")
+        proc = self._agent(agent_id, port_range, f"agent-{agent_id}", f"agent-{agent_id}.log", *args)
         self.others[agent_id] = proc
         return proc
 
