@@ -150,6 +150,7 @@ def _human(args: argparse.Namespace, result: dict[str, Any]) -> str:
                 f"created user {result['name']}",
                 f"access key: {result['access_key']}",
                 f"secret key: {result['secret_key']}",
+                f"token:      {result['token']}",
             ]
         )
     return json.dumps(result)

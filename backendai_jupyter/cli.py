@@ -128,10 +128,10 @@ class UpApp(_Service):
                 agent.state_dir = f"{gw.data_dir}/agent"
             await agent.start()
             await agent.wait_registered()
-            access, secret = gw.admin_keypair()
-            path = ClientConfig(gw.url, access, secret).save(
-                Path(self.client_config) if self.client_config else default_path()
-            )
+            admin = gw.admin_credentials()
+            path = ClientConfig(
+                gw.url, admin["access_key"], admin["secret_key"], admin.get("token", "")
+            ).save(Path(self.client_config) if self.client_config else default_path())
             print(f"backendai-jupyter is up: gateway {gw.url}, agent {agent.agent_id}", flush=True)
             print(f"client config: {path}", flush=True)
             print("Press Ctrl-C to stop (kernels it started are shut down).", flush=True)

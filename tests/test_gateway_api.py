@@ -211,3 +211,54 @@ def test_a_request_that_must_wait_says_why_can_be_cancelled_and_starts_when_room
         for sid in (first, waiting):
             if sid:
                 stack.api("DELETE", f"/v1/sessions/{sid}")
+
+
+def test_users_see_and_touch_only_their_own_sessions(stack: Stack):
+    import requests
+
+    from backendai_jupyter.common.clientconfig import ClientConfig
+
+    from .stack import Api
+
+    def user(name: str) -> tuple[Api, str, str]:
+        created = stack.api("POST", "/v1/admin/users", {"name": name})
+        api = Api(ClientConfig(stack.url, created["access_key"], created["secret_key"]))
+        return api, created["token"], created["id"]
+
+    alice, alice_token, alice_id = user("alice-t")
+    bob, bob_token, _ = user("bob-t")
+    sid = alice("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cpu": "0.25", "mem": "128m"}})["id"]
+    try:
+        # Tokens work as a header and as ?token=, and name the same user as the keypair.
+        by_header = requests.get(
+            stack.url + "/v1/sessions", headers={"Authorization": f"token {alice_token}"}, timeout=10
+        ).json()["sessions"]
+        by_query = requests.get(stack.url + f"/v1/sessions?token={alice_token}", timeout=10).json()[
+            "sessions"
+        ]
+        assert [s["id"] for s in by_header] == [s["id"] for s in by_query] == [sid]
+        assert requests.get(stack.url + "/v1/sessions?token=wrong", timeout=10).status_code == 401
+        # Bob sees nothing of Alice's, and cannot touch it.
+        assert bob("GET", "/v1/sessions")["sessions"] == []
+        for method, path in [
+            ("GET", f"/v1/sessions/{sid}"),
+            ("DELETE", f"/v1/sessions/{sid}"),
+            ("POST", f"/v1/sessions/{sid}/interrupt"),
+            ("POST", f"/v1/sessions/{sid}/restart"),
+        ]:
+            r = bob.request(method, path)
+            assert r.status_code == 404, (method, path, r.text)
+        assert (
+            requests.get(stack.url + f"/v1/sessions/{sid}?token={bob_token}", timeout=10).status_code == 404
+        )
+        r = bob.request("GET", "/v1/admin/users")
+        assert r.status_code == 403
+        # The admin sees everyone's sessions when asking for all.
+        assert sid in [s["id"] for s in stack.api("GET", "/v1/sessions?all=1")["sessions"]]
+        assert stack.api("GET", f"/v1/sessions/{sid}")["owner"] == alice_id
+        # A disabled user is locked out at once, token and keypair alike.
+        stack.api("PATCH", "/v1/admin/users/bob-t", {"disabled": True})
+        assert bob.request("GET", "/v1/sessions").status_code == 401
+        assert requests.get(stack.url + f"/v1/sessions?token={bob_token}", timeout=10).status_code == 401
+    finally:
+        alice("DELETE", f"/v1/sessions/{sid}")

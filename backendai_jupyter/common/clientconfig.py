@@ -30,6 +30,7 @@ class ClientConfig:
     url: str
     access_key: str
     secret_key: str
+    token: str = ""  # for token clients, e.g. `jupyter lab --gateway-url=... --GatewayClient.auth_token=...`
 
     def save(self, path: Path | None = None) -> Path:
         """Write the file readable by its owner only (it holds a secret)."""
@@ -50,4 +51,9 @@ class ClientConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        return cls(url=data["url"], access_key=data["access_key"], secret_key=data["secret_key"])
+        return cls(
+            url=data["url"],
+            access_key=data["access_key"],
+            secret_key=data["secret_key"],
+            token=data.get("token", ""),
+        )

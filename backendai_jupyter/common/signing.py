@@ -29,6 +29,16 @@ def new_keypair() -> tuple[str, str]:
     return "AK" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30)
 
 
+def new_token() -> str:
+    """A user's API token (for the Jupyter Kernel Gateway API and simple clients)."""
+    return secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    """What the gateway stores instead of the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def _string_to_sign(method: str, path: str, date: str, body: bytes) -> bytes:
     return "\n".join([method.upper(), path, date, hashlib.sha256(body).hexdigest()]).encode()
 

@@ -172,7 +172,7 @@ class Gateway(LoggingConfigurable):
         if created:
             fd = os.open(admin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump({"access_key": created[0], "secret_key": created[1]}, f)
+                json.dump({"access_key": created[0], "secret_key": created[1], "token": created[2]}, f)
         self.agent_token = self._load_or_create_agent_token()
         self.hub = EventHub()
         self.sessions = SessionService(
@@ -215,10 +215,9 @@ class Gateway(LoggingConfigurable):
         self.server.listen(self.port, self.ip)
         log.info("gateway listening on %s", self.url)
 
-    def admin_keypair(self) -> tuple[str, str]:
-        """The first admin's keypair, as written on first start."""
-        data = json.loads(self._secret_file("admin-keypair.json").read_text())
-        return data["access_key"], data["secret_key"]
+    def admin_credentials(self) -> dict[str, str]:
+        """The first admin's keypair and token, as written on first start."""
+        return json.loads(self._secret_file("admin-keypair.json").read_text())
 
     async def stop(self) -> None:
         self.server.stop()

@@ -7,7 +7,7 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..common.signing import new_keypair
+from ..common.signing import new_keypair, new_token, token_hash
 from .models import Keypair, User
 
 
@@ -17,6 +17,7 @@ class Authenticator:
     def __init__(self, db: async_sessionmaker) -> None:
         self.db = db
         self._cache: dict[str, tuple[str, User]] = {}
+        self._tokens: dict[str, User] = {}
 
     async def lookup(self, access_key: str) -> tuple[str, User] | None:
         if access_key in self._cache:
@@ -32,14 +33,29 @@ class Authenticator:
     def forget(self) -> None:
         """Drop the cache (after users or keys change)."""
         self._cache.clear()
+        self._tokens.clear()
 
-    async def ensure_admin(self, name: str = "admin") -> tuple[str, str] | None:
-        """Create the first admin and its keypair when there is no user yet."""
+    async def lookup_token(self, token: str) -> User | None:
+        """The user an API token belongs to (tokens are stored hashed)."""
+        digest = token_hash(token)
+        if digest in self._tokens:
+            return self._tokens[digest]
+        async with self.db() as db:
+            user = (await db.scalars(select(User).where(User.token_hash == digest))).first()
+        if user is not None:
+            self._tokens[digest] = user
+        return user
+
+    async def ensure_admin(self, name: str = "admin") -> tuple[str, str, str] | None:
+        """Create the first admin, its keypair and token when there is no user yet."""
         async with self.db() as db, db.begin():
             if (await db.scalars(select(User).limit(1))).first() is not None:
                 return None
-            user = User(id=str(uuid.uuid4()), name=name, is_admin=True, disabled=False)
+            token = new_token()
+            user = User(
+                id=str(uuid.uuid4()), name=name, is_admin=True, disabled=False, token_hash=token_hash(token)
+            )
             access, secret = new_keypair()
             db.add(user)
             db.add(Keypair(access_key=access, secret_key=secret, user_id=user.id))
-        return access, secret
+        return access, secret, token

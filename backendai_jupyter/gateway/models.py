@@ -24,6 +24,7 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)  # sha256 hex
     policy: Mapped[str | None] = mapped_column(
         ForeignKey("resource_policies.name", ondelete="SET NULL"), nullable=True
     )

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 
 from ...common.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from ...common.signing import new_keypair
+from ...common.signing import new_keypair, new_token, token_hash
 from ...common.slots import ResourceSlot, SlotError
 from ..models import Keypair, ResourcePolicy, User
 from .base import ApiHandler
@@ -61,17 +61,21 @@ class UsersHandler(AdminHandler):
                 raise Conflict(f"user {name} exists")
             if policy is not None and await db.get(ResourcePolicy, policy) is None:
                 raise InvalidRequest(f"no resource policy {policy!r}")
+            token = new_token()
             user = User(
                 id=str(uuid.uuid4()),
                 name=name,
                 is_admin=bool(body.get("is_admin")),
                 disabled=False,
                 policy=policy,
+                token_hash=token_hash(token),
             )
             access, secret = new_keypair()
             db.add(user)
             db.add(Keypair(access_key=access, secret_key=secret, user_id=user.id))
-        self.write_json({**user_json(user), "access_key": access, "secret_key": secret}, status=201)
+        self.write_json(
+            {**user_json(user), "access_key": access, "secret_key": secret, "token": token}, status=201
+        )
 
 
 class UserHandler(AdminHandler):

@@ -22,14 +22,29 @@ class AuthMixin:
 
     request: Any
     settings: dict[str, Any]
+    get_query_argument: Any
     current_user: User
     access_key: str
 
     async def authenticate(self) -> None:
         auth: Authenticator = self.settings["authenticator"]
         header = self.request.headers.get("Authorization", "")
+        token = (
+            header[6:].strip()
+            if header.lower().startswith("token ")
+            else self.get_query_argument("token", "")
+        )
+        if token:
+            user = await auth.lookup_token(token)
+            if user is None or user.disabled:
+                raise Unauthorized("invalid token")
+            self.current_user = user
+            self.access_key = ""
+            return
         if not header:
-            raise Unauthorized("authentication required: sign the request with your keypair")
+            raise Unauthorized(
+                "authentication required: sign the request with your keypair, or send your token"
+            )
         try:
             self.access_key, signature = signing.parse_authorization(header)
         except signing.SignatureError as e:

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(64), nullable=False, unique=True),
         sa.Column("is_admin", sa.Boolean, nullable=False),
         sa.Column("disabled", sa.Boolean, nullable=False),
+        sa.Column("token_hash", sa.String(64), nullable=True, unique=True),
         sa.Column(
             "policy",
             sa.String(64),
