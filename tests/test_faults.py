@@ -122,3 +122,12 @@ def test_kernel_that_exits_by_itself_ends_its_session(stack: Stack, km: KernelMa
     assert model["exit_code"] == 3
     assert "exited with code 3" in model["reason"]
     kc.stop_channels()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.3, 0.45])
+def test_ending_a_session_while_it_starts_leaves_no_container(stack: Stack, delay: float):
+    sid = stack.api("POST", "/v1/sessions", {"image": "backendai-jupyter/python"})["id"]
+    time.sleep(delay)
+    stack.api("DELETE", f"/v1/sessions/{sid}")
+    assert stack.api("GET", f"/v1/sessions/{sid}")["state"] in ("TERMINATED", "CANCELLED")
+    assert not [c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid]

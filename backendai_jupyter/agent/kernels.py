@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -234,8 +235,7 @@ class KernelRunner:
         k = self.kernels.get(sid)
         if k is None:
             return {"removed": False}
-        if k.task and not k.task.done():
-            k.task.cancel()
+        await _stop_launch(k)
         await self._remove(k)
         self._set(k, SessionState.TERMINATED, "shut down")
         return {"removed": True}
@@ -260,8 +260,7 @@ class KernelRunner:
         k = self.kernels.get(order.session_id)
         if k is None:
             raise BackendError(f"no kernel {order.session_id} on this agent")
-        if k.task and not k.task.done():
-            k.task.cancel()
+        await _stop_launch(k)
         await self._remove(k, keep_ports=True)
         k.container_id = None
         k.ending = False
@@ -286,8 +285,7 @@ class KernelRunner:
         k = self.kernels.get(sid)
         if k is None or k.ending or k.container_id != container_id:
             return
-        if k.task and not k.task.done():
-            k.task.cancel()
+        await _stop_launch(k)
         exit_code, oom = await self.backend.exit_info(container_id)
         tail = await self.backend.logs_tail(container_id) if exit_code != 0 else ""
         await self._remove(k)
@@ -316,3 +314,14 @@ def _write(path: Path, data: dict[str, Any], mode: int) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
     os.chmod(path, mode)
+
+
+async def _stop_launch(k: Kernel) -> None:
+    """Cancel a launch in progress and wait until it has cleaned up after itself."""
+    if k.task is None or k.task.done():
+        return
+    k.task.cancel()
+    # The launch removes a container it was creating when cancelled; wait for that, so the
+    # caller's "removed" really means removed.
+    with contextlib.suppress(asyncio.CancelledError):
+        await k.task
