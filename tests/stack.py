@@ -175,6 +175,9 @@ def jupyter(app: str, root: Path, token: str) -> Iterator[str]:
         wait_for_line(proc, log, "Jupyter Server")
         eventually(lambda: _answers(url), timeout=30)
         yield url
+    except BaseException:
+        print(f"--- {app} log ---\n{log.read_text()[-4000:]}")  # shown by pytest on failure
+        raise
     finally:
         proc.terminate()  # the server shuts down the kernels it started
         proc.wait(30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -69,6 +70,7 @@ class KernelRunner:
         self.ready_timeout = ready_timeout
         self.report = report
         self.kernels: dict[str, Kernel] = {}
+        self._ended: collections.deque[str] = collections.deque(maxlen=10_000)
         self.images: dict[str, ImageInfo] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -121,14 +123,22 @@ class KernelRunner:
 
     async def create(self, order: CreateKernel) -> dict[str, Any]:
         """Accept a kernel order; its progress is reported as it happens."""
-        if order.session_id in self.kernels:
+        sid = order.session_id
+        if sid in self.kernels:
             return {"accepted": True}
+        if sid in self._ended:
+            raise BackendError("the session was ended before its kernel started")
+        # Claim the session before any await, so an order to end it that overtakes this one
+        # finds it (orders run concurrently).
+        k = Kernel(order)
+        self.kernels[sid] = k
         if order.image not in self.images:
             await self.refresh_images()
             if order.image not in self.images:
+                self.kernels.pop(sid, None)
                 raise BackendError(f"image {order.image} is not on this agent")
-        k = Kernel(order)
-        self.kernels[order.session_id] = k
+        if k.ending:
+            raise BackendError("the session was ended before its kernel started")
         k.task = asyncio.ensure_future(self._launch(k))
         return {"accepted": True}
 
@@ -234,6 +244,7 @@ class KernelRunner:
         """Remove a kernel's container and free its ports; the kernel is TERMINATED."""
         k = self.kernels.get(sid)
         if k is None:
+            self._ended.append(sid)  # an order to start it may still be on its way
             return {"removed": False}
         await _stop_launch(k)
         await self._remove(k)

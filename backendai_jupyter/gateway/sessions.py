@@ -161,6 +161,7 @@ class SessionService:
         self._seq = 0
         self._last_event: dict[str, dict[str, Any]] = {}
         self._user_locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # per session: state changes one at a time
         self.hub = hub
         self.default_resources = default_resources
         self.max_resources = max_resources
@@ -409,13 +410,15 @@ class SessionService:
     async def destroy(self, user: User, sid: str) -> dict[str, Any]:
         """End a session: cancel it if pending, else have its agent remove the container."""
         row = await self.get_row(user, sid)
-        live = self.live.get(sid)
-        if live is None:
-            return session_json(row, with_connection=False)
-        if live.state == SessionState.PENDING:
-            row = await self._transition(sid, SessionState.CANCELLED, "cancelled by the user")
-            return session_json(row, with_connection=False)
-        await self._transition(sid, SessionState.TERMINATING, "shutdown requested")
+        # Decide under the session's lock: a placement or an agent's report may be landing now.
+        async with self._lock_of(sid):
+            live = self.live.get(sid)
+            if live is None:
+                return session_json(row, with_connection=False)
+            if live.state == SessionState.PENDING:
+                row = await self._transition_locked(sid, SessionState.CANCELLED, "cancelled by the user")
+                return session_json(row, with_connection=False)
+            await self._transition_locked(sid, SessionState.TERMINATING, "shutdown requested")
         link = self.registry.get(live.agent_id or "")
         if link is not None and link.connected:
             try:
@@ -653,6 +656,8 @@ class SessionService:
         order.devices = alloc.devices_json()
         if live.previous and live.previous[0] == live.agent_id:
             order.reuse = live.previous[1]
+        if self.live.get(live.id) is not live or live.state != SessionState.SCHEDULED:
+            return  # ended before the order went out
         try:
             if link is None:
                 raise ApiError(f"agent {live.agent_id} is gone")
@@ -660,8 +665,14 @@ class SessionService:
         except ApiError as e:
             if live.id in self.live:
                 await self._transition(live.id, SessionState.ERROR, f"agent refused the kernel: {e.title}")
+            return
+        if live.id not in self.live:  # ended while the order was on its way: undo it
+            await self._order_destroy(live.agent_id or "", live.id)
 
     # -- state changes ---------------------------------------------------------------------
+
+    def _lock_of(self, sid: str) -> asyncio.Lock:
+        return self._locks.setdefault(sid, asyncio.Lock())
 
     async def _transition(
         self,
@@ -672,9 +683,24 @@ class SessionService:
         force: bool = False,
         **fields: Any,
     ) -> KernelSession:
+        """Move a session to ``state`` (if that is forward), store it, then publish it."""
+        async with self._lock_of(sid):
+            return await self._transition_locked(sid, state, reason, force=force, **fields)
+
+    async def _transition_locked(
+        self,
+        sid: str,
+        state: SessionState,
+        reason: str,
+        *,
+        force: bool = False,
+        **fields: Any,
+    ) -> KernelSession:
+        # Read, check and write under the session's lock: two reports racing must not both pass
+        # the check against the same old state (SQLite reads outside the write transaction).
         now = datetime.now(UTC)
         async with self.db() as db, db.begin():
-            row = await db.get(KernelSession, sid)
+            row = await db.get(KernelSession, sid, with_for_update=True, populate_existing=True)
             assert row is not None
             current = SessionState(row.state)
             if not force and not is_forward(current, state):
@@ -694,6 +720,7 @@ class SessionService:
             live.reason = reason
             if state.is_terminal:
                 del self.live[sid]
+                self._locks.pop(sid, None)
                 self.cluster.release(sid)
                 self._wakeup.set()  # resources came free
         self._publish(row, transition.id)
