@@ -42,13 +42,14 @@ class _Service(JupyterApp):
         async def main() -> None:
             stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stopping.set)
             try:
                 await start()
             except Exception as e:
                 self.log.error("%s", e)
                 raise SystemExit(1) from None
+            # After start: what starts may install handlers of its own (jupyter_server does).
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stopping.set)
             await stopping.wait()
             self.log.info("stopping ...")
             await stop()

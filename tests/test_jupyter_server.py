@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import uuid
 from pathlib import Path
 
 import pytest
 import requests
-from tornado import websocket
 
 from .conftest import SPEC
+from .kernel_helpers import execute_over_websocket
 from .stack import Stack, jupyter
 
 pytestmark = pytest.mark.docker
@@ -35,56 +33,14 @@ def test_launcher_lists_our_kernelspec_and_a_kernel_started_there_runs_in_a_cont
     kernel = requests.post(server + "/api/kernels", json={"name": SPEC}, headers=_h(), timeout=120).json()
     assert kernel["name"] == SPEC
     try:
-        out = _execute_over_websocket(server, kernel["id"], "import os; print(os.path.exists('/.dockerenv'))")
+        out = execute_over_websocket(
+            f"{server}/api/kernels/{kernel['id']}/channels?token={TOKEN}",
+            "import os; print(os.path.exists('/.dockerenv'))",
+        )
         assert out == "True\n"
         assert len(stack.containers()) >= 1
     finally:
         requests.delete(server + f"/api/kernels/{kernel['id']}", headers=_h(), timeout=60)
-
-
-def _execute_over_websocket(server: str, kernel_id: str, code: str) -> str:
-    import asyncio
-
-    async def go() -> str:
-        ws_url = server.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels?token={TOKEN}"
-        conn = await websocket.websocket_connect(ws_url)
-        msg_id = uuid.uuid4().hex
-        conn.write_message(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "username": "t",
-                        "session": uuid.uuid4().hex,
-                        "msg_type": "execute_request",
-                        "version": "5.3",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "channel": "shell",
-                    "content": {
-                        "code": code,
-                        "silent": False,
-                        "store_history": False,
-                        "user_expressions": {},
-                        "allow_stdin": False,
-                    },
-                }
-            )
-        )
-        text = ""
-        while True:
-            raw = await asyncio.wait_for(conn.read_message(), 60)
-            msg = json.loads(raw)
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "stream":
-                text += msg["content"]["text"]
-            if msg["msg_type"] == "execute_reply":
-                conn.close()
-                return text
-
-    return asyncio.run(go())
 
 
 def test_server_extension_reports_the_gateway_and_our_sessions(stack: Stack, server: str):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tornado import httpserver, web
-from traitlets import Dict, Enum, Float, Int, Unicode, default, validate
+from traitlets import Dict, Enum, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__
@@ -30,6 +30,7 @@ from .handlers.sessions import (
     SessionsHandler,
     SignalHandler,
 )
+from .jupyter_api import jupyter_handlers_and_settings
 from .sessions import SessionService
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,11 @@ class Gateway(LoggingConfigurable):
     max_resources = Dict(
         {}, help="Most a single session may have per slot; larger requests are clamped to it."
     ).tag(config=True)
+    kernel_env_allowlist = List(
+        Unicode(),
+        [],
+        help="Environment variables a Kernel Gateway client may pass to kernels besides KERNEL_*.",
+    ).tag(config=True)
     scheduler_policy = Enum(
         ["fifo", "drf"],
         "fifo",
@@ -186,6 +192,9 @@ class Gateway(LoggingConfigurable):
             selector=self.agent_selector,
         )
         await self.sessions.start()
+        jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
+            self.data_dir, self.url, sessionmaker, set(self.kernel_env_allowlist), self.log
+        )
         app = web.Application(
             [
                 (r"/v1/?", InfoHandler),
@@ -203,13 +212,18 @@ class Gateway(LoggingConfigurable):
                 (rf"/v1/sessions/{SID}/restart", RestartHandler),
                 (rf"/v1/sessions/{SID}/events", SessionEventsHandler),
                 (r"/v1/.*", NotFoundHandler),
+                *jupyter_handlers,
             ],
-            sessions=self.sessions,
-            hub=self.hub,
-            authenticator=self.authenticator,
-            agent_token=self.agent_token,
-            heartbeat_interval=self.heartbeat_interval,
-            websocket_ping_interval=20,
+            **{
+                **jupyter_settings,
+                "xsrf_cookies": False,
+                "sessions": self.sessions,
+                "hub": self.hub,
+                "authenticator": self.authenticator,
+                "agent_token": self.agent_token,
+                "heartbeat_interval": self.heartbeat_interval,
+                "websocket_ping_interval": 20,
+            },
         )
         self.server = httpserver.HTTPServer(app, xheaders=False)
         self.server.listen(self.port, self.ip)

@@ -1,0 +1,270 @@
+"""The Jupyter Kernel Gateway API (``/api/...``), built on jupyter_server's own machinery.
+
+``jupyter lab --gateway-url``, VS Code's "existing Jupyter server" and any Kernel Gateway client
+talk to these handlers. They are jupyter_server's kernel, kernelspec, session and websocket
+handlers and managers, not a second relay; only three things are ours:
+
+- who the caller is: their own token (``Authorization: token ...`` or ``?token=``), never a
+  ``KERNEL_USERNAME`` from the request body;
+- what they may see: each kernel has an owner, and a user lists, connects to, interrupts,
+  restarts and deletes only their own (an admin sees all); others' kernels are 404;
+- where kernels run: through our provisioner, i.e. the same ``/v1`` sessions, scheduler and
+  agents as every other path, with the owner's keypair.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.auth.identity import IdentityProvider
+from jupyter_server.auth.identity import User as JupyterUser
+from jupyter_server.services.kernels.handlers import KernelActionHandler, MainKernelHandler
+from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager, ServerKernelManager
+from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
+from jupyter_server.services.sessions.sessionmanager import SessionManager
+from sqlalchemy import select
+from tornado import web
+from traitlets import Unicode, default
+
+from .models import Keypair, User
+
+# The user of the request being served (set once the token is checked).
+_caller: contextvars.ContextVar[User | None] = contextvars.ContextVar("backendai_caller", default=None)
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_ENV_VALUE = 4096
+
+
+class TokenIdentityProvider(IdentityProvider):
+    """Each user is whoever their own API token says."""
+
+    @default("token")
+    def _token_default(self) -> str:
+        return ""  # no shared server token: every user has their own
+
+    @property
+    def auth_enabled(self) -> bool:
+        return True
+
+    async def get_user(self, handler: web.RequestHandler) -> JupyterUser | None:  # type: ignore[override]
+        header = handler.request.headers.get("Authorization", "")
+        token = (
+            header[6:].strip()
+            if header.lower().startswith("token ")
+            else handler.get_query_argument("token", "")
+        )
+        if not token:
+            return None
+        user = await handler.settings["authenticator"].lookup_token(token)
+        if user is None or user.disabled:
+            return None
+        _caller.set(user)
+        return JupyterUser(username=user.name, name=user.name, display_name=user.name)
+
+
+def caller() -> User:
+    user = _caller.get()
+    if user is None:
+        raise web.HTTPError(403, "no authenticated user")
+    return user
+
+
+class BackendAIKernelManager(ServerKernelManager):
+    """One kernel, provisioned through our provisioner with its owner's keypair."""
+
+    async def _async_pre_start_kernel(self, **kw: Any) -> Any:
+        owner = kw.pop("owner_config", None)
+        if self.provisioner is None and owner:
+            from jupyter_client.provisioning import KernelProvisionerFactory
+
+            self.kernel_id = self.kernel_id or kw.pop("kernel_id", None) or str(uuid.uuid4())
+            self.provisioner = KernelProvisionerFactory.instance(
+                parent=self.parent
+            ).create_provisioner_instance(self.kernel_id, self.kernel_spec, parent=self)
+            cfg = json.loads(owner)
+            self.provisioner.gateway_url = cfg["url"]
+            self.provisioner.access_key = cfg["access_key"]
+            self.provisioner.secret_key = cfg["secret_key"]
+            self.provisioner.forward_env = ["*"]  # the handler already kept only what may pass
+        return await super()._async_pre_start_kernel(**kw)
+
+
+class BackendAIMappingKernelManager(AsyncMappingKernelManager):
+    """jupyter_server's kernel manager, with an owner for every kernel."""
+
+    gateway_url = Unicode("", help="The gateway's own URL, for the provisioner.").tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kernel_manager_class = "backendai_jupyter.gateway.jupyter_api.BackendAIKernelManager"
+        self.owners: dict[str, str] = {}
+        self.db: Any = None  # set by the gateway: the async sessionmaker
+
+    async def _owner_config(self, user: User) -> str:
+        async with self.db() as db:
+            kp = (await db.scalars(select(Keypair).where(Keypair.user_id == user.id).limit(1))).first()
+        if kp is None:
+            raise web.HTTPError(403, f"user {user.name} has no keypair")
+        return json.dumps({"url": self.gateway_url, "access_key": kp.access_key, "secret_key": kp.secret_key})
+
+    async def start_kernel(
+        self, *, kernel_id: str | None = None, path: str | None = None, **kwargs: Any
+    ) -> str:
+        user = caller()
+        if kernel_id is not None and kernel_id in self:  # a session reusing a kernel: the owner's only
+            self._check_kernel_id(kernel_id)
+            return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
+        kwargs["owner_config"] = await self._owner_config(user)
+        # The owner is known before the kernel exists: starting it already looks it up.
+        kid = kernel_id or str(uuid.uuid4())
+        self.owners[kid] = user.id
+        try:
+            return await super().start_kernel(kernel_id=kid, path=path, **kwargs)
+        except BaseException:
+            self.owners.pop(kid, None)
+            raise
+
+    def _check_kernel_id(self, kernel_id: str) -> None:
+        super()._check_kernel_id(kernel_id)
+        user = _caller.get()
+        if user is not None and not user.is_admin and self.owners.get(kernel_id) != user.id:
+            raise web.HTTPError(404, f"Kernel does not exist: {kernel_id}")
+
+    def list_kernels(self) -> list[dict[str, Any]]:
+        user = _caller.get()
+        kernels = super().list_kernels()
+        if user is None or user.is_admin:
+            return kernels
+        return [k for k in kernels if self.owners.get(k["id"]) == user.id]
+
+    def remove_kernel(self, kernel_id: str) -> Any:
+        self.owners.pop(kernel_id, None)
+        return super().remove_kernel(kernel_id)
+
+    def cwd_for_path(self, path: str, **kwargs: Any) -> str:
+        # Paths name places in the user's storage, not on the gateway host.
+        return ""
+
+
+class OwnedSessionManager(SessionManager):
+    """Sessions are listed only where their kernel belongs to the caller."""
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        km = self.kernel_manager
+        mine = {k["id"] for k in km.list_kernels()}
+        return [s for s in await super().list_sessions() if s["kernel"]["id"] in mine]
+
+
+class KernelsHandler(MainKernelHandler):
+    """POST /api/kernels honours ``env`` (``KERNEL_*`` and the operator's allowlist), checked."""
+
+    async def post(self) -> None:
+        model = self.get_json_body() or {}
+        env = model.get("env") or {}
+        if not isinstance(env, dict):
+            raise web.HTTPError(400, "env must be an object of string values")
+        allowed = self.settings.get("backendai_env_allowlist", set())
+        clean = {}
+        for k, v in env.items():
+            if not (isinstance(k, str) and ENV_NAME_RE.match(k)) or not isinstance(v, str):
+                raise web.HTTPError(400, f"env: {k!r} must be a valid name with a string value")
+            if len(v) > MAX_ENV_VALUE or "\0" in v or "\n" in v or "\r" in v:
+                raise web.HTTPError(
+                    400, f"env: {k} must be at most {MAX_ENV_VALUE} characters without NUL or newlines"
+                )
+            if k.startswith("KERNEL_") or k in allowed:
+                clean[k] = v
+        name = model.get("name") or self.kernel_spec_manager.default_kernel_name
+        if not isinstance(name, str):
+            raise web.HTTPError(400, "name must be a kernelspec name")
+        try:
+            self.kernel_spec_manager.get_kernel_spec(name)
+        except Exception:
+            raise web.HTTPError(404, f"no kernelspec {name!r}") from None
+        kernel_id = await self.kernel_manager.start_kernel(
+            kernel_name=name, path=model.get("path"), env=clean
+        )
+        model = (
+            await self.kernel_manager.kernel_model(kernel_id)
+            if hasattr(self.kernel_manager.kernel_model, "__await__")
+            else self.kernel_manager.kernel_model(kernel_id)
+        )
+        self.set_header("Location", f"/api/kernels/{kernel_id}")
+        self.set_status(201)
+        self.finish(json.dumps(model, default=str))
+
+
+class OwnedKernelActionHandler(KernelActionHandler):
+    """Interrupt and restart: someone else's kernel is 404 (stock turns any error into 500)."""
+
+    @web.authenticated
+    async def post(self, kernel_id: str, action: str) -> None:
+        self.kernel_manager._check_kernel_id(kernel_id)
+        await super().post(kernel_id, action)
+
+
+class FastKernelWebsocketHandler(KernelWebsocketHandler):
+    """The kernel websocket with Nagle off: stock tornado costs ~44 ms per message otherwise."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        self.set_nodelay(True)
+        return super().open(*args, **kwargs)
+
+
+def jupyter_handlers_and_settings(
+    data_dir: str, gateway_url: str, db: Any, env_allowlist: set[str], log: Any
+) -> tuple[list[Any], dict[str, Any]]:
+    """jupyter_server's kernel, kernelspec and session handlers, configured for the gateway."""
+    from jupyter_server.kernelspecs.handlers import default_handlers as kernelspec_resources
+    from jupyter_server.serverapp import ServerApp
+    from jupyter_server.services.api.handlers import default_handlers as api_handlers
+    from jupyter_server.services.kernels.handlers import default_handlers as kernel_handlers
+    from jupyter_server.services.kernelspecs.handlers import default_handlers as kernelspec_handlers
+    from jupyter_server.services.sessions.handlers import default_handlers as session_handlers
+    from traitlets.config import Config
+
+    root = Path(data_dir) / "jupyter-root"  # sessions' paths are names, not files on this host
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config = Config()
+    config.ServerApp.root_dir = str(root)
+    config.ServerApp.open_browser = False
+    config.ServerApp.identity_provider_class = TokenIdentityProvider
+    config.ServerApp.kernel_manager_class = BackendAIMappingKernelManager
+    config.ServerApp.session_manager_class = OwnedSessionManager
+    config.ServerApp.disable_check_xsrf = True  # token-authenticated API clients, no cookies
+    config.ServerApp.allow_remote_access = True
+    config.ServerApp.terminals_enabled = False
+    config.BackendAIMappingKernelManager.gateway_url = gateway_url
+    config.BackendAIMappingKernelManager.default_kernel_name = "backendai-python3"
+    config.KernelSpecManager.default_kernel_name = "backendai-python3"
+    # Only kernelspecs that run kernels on agents: never a local kernel on the gateway host.
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    names = {n for n in KernelSpecManager().find_kernel_specs() if n.startswith("backendai-")}
+    config.KernelSpecManager.allowed_kernelspecs = names
+    app = ServerApp(config=config, log=log)
+    app.initialize(argv=[], find_extensions=False, new_httpserver=False)
+    app.kernel_manager.db = db
+    settings = dict(app.web_app.settings)
+    settings["backendai_env_allowlist"] = env_allowlist
+    handlers = []
+    for pattern, handler, *rest in [
+        *api_handlers,
+        *kernel_handlers,
+        *kernelspec_handlers,
+        *session_handlers,
+        *kernelspec_resources,
+    ]:
+        if handler is MainKernelHandler:
+            handler = KernelsHandler
+        elif handler is KernelActionHandler:
+            handler = OwnedKernelActionHandler
+        elif handler is KernelWebsocketHandler:
+            handler = FastKernelWebsocketHandler
+        handlers.append((pattern, handler, *rest))
+    return handlers, settings

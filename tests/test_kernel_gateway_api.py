@@ -1,0 +1,190 @@
+"""The gateway as a Jupyter Kernel Gateway: `jupyter server --gateway-url`, VS Code's flow, tenancy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from .conftest import SPEC
+from .kernel_helpers import execute_over_websocket
+from .stack import Stack, eventually, free_port, wait_for_line
+
+pytestmark = pytest.mark.docker
+V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
+
+
+def _token(stack: Stack) -> str:
+    return json.loads(stack.client_config.read_text())["token"]
+
+
+def _h(token: str) -> dict[str, str]:
+    return {"Authorization": f"token {token}"}
+
+
+@pytest.fixture(scope="module")
+def users(stack: Stack) -> dict[str, str]:
+    """Two ordinary users' tokens."""
+    return {n: stack.api("POST", "/v1/admin/users", {"name": n})["token"] for n in ("kg-ann", "kg-ben")}
+
+
+@pytest.fixture
+def lab_server(stack: Stack, users: dict[str, str], tmp_path: Path):
+    """A stock `jupyter server --gateway-url` pointed at our gateway, as JupyterLab would run."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("jupyter")),
+            "server",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            "--IdentityProvider.token=lab",
+            f"--ServerApp.root_dir={tmp_path}",
+            f"--gateway-url={stack.url}",
+            f"--GatewayClient.auth_token={users['kg-ann']}",
+            "--allow-root",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_line(proc, log, "Jupyter Server")
+        url = f"http://127.0.0.1:{port}"
+        eventually(lambda: requests.get(url + "/api", timeout=2).ok, timeout=30)
+        yield url
+    except BaseException:
+        print(log.read_text()[-4000:])
+        raise
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_jupyter_server_with_gateway_url_runs_kernels_on_our_agents(stack: Stack, lab_server: str):
+    h = {"Authorization": "token lab"}
+    specs = requests.get(lab_server + "/api/kernelspecs", headers=h, timeout=30).json()["kernelspecs"]
+    assert specs[SPEC]["spec"]["display_name"] == "Python 3 (Backend.AI)"
+    assert all(name.startswith("backendai-") for name in specs)  # never a kernel on the gateway host
+    r = requests.post(lab_server + "/api/kernels", json={"name": SPEC}, headers=h, timeout=120)
+    assert r.status_code == 201, r.text
+    kid = r.json()["id"]
+    try:
+        ws = f"{lab_server}/api/kernels/{kid}/channels?token=lab"
+        assert execute_over_websocket(ws, "import os; print(os.path.exists('/.dockerenv'))") == "True\n"
+        r = requests.post(lab_server + f"/api/kernels/{kid}/interrupt", headers=h, timeout=30)
+        assert r.status_code == 204
+        r = requests.post(lab_server + f"/api/kernels/{kid}/restart", headers=h, timeout=120)
+        assert r.status_code == 200
+        assert execute_over_websocket(ws, "print('x' in dir())") == "False\n"
+        # The same kernel is a /v1 session of the user behind the gateway token.
+        mine = [s for s in stack.api("GET", "/v1/sessions?all=1&active=1")["sessions"]]
+        assert len(mine) >= 1
+    finally:
+        assert requests.delete(lab_server + f"/api/kernels/{kid}", headers=h, timeout=60).status_code == 204
+    eventually(lambda: not stack.api("GET", "/v1/sessions?all=1&active=1")["sessions"])
+
+
+def test_vscode_flow_sessions_and_both_websocket_protocols(stack: Stack, users: dict[str, str]):
+    h = _h(users["kg-ann"])
+    assert requests.get(stack.url + "/api/kernels", headers=h, timeout=10).json() == []
+    body = {
+        "path": "/tmp/.vscode-1.ipynb",
+        "name": "vscode-1.ipynb",
+        "type": "notebook",
+        "kernel": {"name": SPEC},
+    }
+    session = requests.post(stack.url + "/api/sessions", json=body, headers=h, timeout=120)
+    assert session.status_code == 201, session.text
+    kid = session.json()["kernel"]["id"]
+    try:
+        model = requests.get(stack.url + f"/api/kernels/{kid}", headers=h, timeout=10).json()
+        assert {"id", "name", "last_activity", "execution_state", "connections"} <= set(model)
+        assert model["last_activity"].endswith("Z")
+        ws = f"{stack.url}/api/kernels/{kid}/channels"
+        assert execute_over_websocket(ws, "print(6 * 7)", headers=h) == "42\n"
+        assert (
+            execute_over_websocket(f"{ws}?token={users['kg-ann']}", "print(7 * 6)", subprotocol=V1_PROTOCOL)
+            == "42\n"
+        )
+        assert [s["id"] for s in requests.get(stack.url + "/api/sessions", headers=h, timeout=10).json()] == [
+            session.json()["id"]
+        ]
+    finally:
+        r = requests.delete(stack.url + f"/api/sessions/{session.json()['id']}", headers=h, timeout=60)
+        assert r.status_code == 204
+
+
+def test_a_second_user_cannot_see_connect_to_or_delete_the_first_users_kernel(
+    stack: Stack, users: dict[str, str]
+):
+    ann, ben = _h(users["kg-ann"]), _h(users["kg-ben"])
+    kid = requests.post(stack.url + "/api/kernels", json={"name": SPEC}, headers=ann, timeout=120).json()[
+        "id"
+    ]
+    try:
+        assert requests.get(stack.url + "/api/kernels", headers=ben, timeout=10).json() == []
+        assert requests.get(stack.url + "/api/sessions", headers=ben, timeout=10).json() == []
+        for method, path in [
+            ("GET", f"/api/kernels/{kid}"),
+            ("DELETE", f"/api/kernels/{kid}"),
+            ("POST", f"/api/kernels/{kid}/interrupt"),
+            ("POST", f"/api/kernels/{kid}/restart"),
+        ]:
+            r = requests.request(method, stack.url + path, headers=ben, timeout=30)
+            assert r.status_code == 404, (method, path, r.status_code)
+        with pytest.raises(Exception, match="404"):
+            execute_over_websocket(f"{stack.url}/api/kernels/{kid}/channels", "print(1)", headers=ben)
+        # Listing is allowed (clients' cullers need it), and shows each user their own.
+        assert [
+            k["id"] for k in requests.get(stack.url + "/api/kernels", headers=ann, timeout=10).json()
+        ] == [kid]
+        assert requests.get(stack.url + "/api/kernels", timeout=10).status_code in (401, 403)
+        assert requests.get(stack.url + "/api/kernels?token=nope", timeout=10).status_code in (401, 403)
+    finally:
+        assert requests.delete(stack.url + f"/api/kernels/{kid}", headers=ann, timeout=60).status_code == 204
+
+
+def test_kernel_env_passes_kernel_variables_only_and_bad_requests_create_nothing(
+    stack: Stack, users: dict[str, str]
+):
+    h = _h(users["kg-ben"])
+    before = len(stack.containers())
+    r = requests.post(stack.url + "/api/kernels", json={"name": "no-such-spec"}, headers=h, timeout=30)
+    assert r.status_code == 404 and "no-such-spec" in r.json()["message"]
+    r = requests.post(
+        stack.url + "/api/kernels",
+        json={"name": SPEC, "env": {"KERNEL_X": "a" * 5000}},
+        headers=h,
+        timeout=30,
+    )
+    assert r.status_code == 400 and "4096" in r.json()["message"]
+    r = requests.post(
+        stack.url + "/api/kernels", json={"name": SPEC, "env": {"KERNEL_X": "a\nb"}}, headers=h, timeout=30
+    )
+    assert r.status_code == 400
+    r = requests.post(stack.url + "/api/kernels", data=b"{not json", headers=h, timeout=30)
+    assert r.status_code == 400
+    time.sleep(0.5)
+    assert len(stack.containers()) == before
+    env = {"KERNEL_PROJECT": "demo", "SECRET_FROM_CLIENT": "nope", "KERNEL_USERNAME": "root"}
+    kid = requests.post(
+        stack.url + "/api/kernels", json={"name": SPEC, "env": env}, headers=h, timeout=120
+    ).json()["id"]
+    try:
+        code = "import os; print(os.environ.get('KERNEL_PROJECT'), os.environ.get('SECRET_FROM_CLIENT'))"
+        out = execute_over_websocket(f"{stack.url}/api/kernels/{kid}/channels", code, headers=h)
+        assert out == "demo None\n"
+        # Identity comes from the token, not from KERNEL_USERNAME.
+        sessions = stack.api("GET", "/v1/sessions?all=1&active=1")["sessions"]
+        ben_id = next(u["id"] for u in stack.api("GET", "/v1/admin/users")["users"] if u["name"] == "kg-ben")
+        assert [s["owner"] for s in sessions] == [ben_id]
+    finally:
+        requests.delete(stack.url + f"/api/kernels/{kid}", headers=h, timeout=60)
