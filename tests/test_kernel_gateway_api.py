@@ -72,6 +72,8 @@ def test_jupyter_server_with_gateway_url_runs_kernels_on_our_agents(stack: Stack
     h = {"Authorization": "token lab"}
     specs = requests.get(lab_server + "/api/kernelspecs", headers=h, timeout=30).json()["kernelspecs"]
     assert specs[SPEC]["spec"]["display_name"] == "Python 3 (Backend.AI)"
+    logo = requests.get(lab_server + specs[SPEC]["resources"]["logo-64x64"], headers=h, timeout=30)
+    assert logo.status_code == 200 and logo.content.startswith(b"\x89PNG")
     assert all(name.startswith("backendai-") for name in specs)  # never a kernel on the gateway host
     r = requests.post(lab_server + "/api/kernels", json={"name": SPEC}, headers=h, timeout=120)
     assert r.status_code == 201, r.text
@@ -146,6 +148,10 @@ def test_a_second_user_cannot_see_connect_to_or_delete_the_first_users_kernel(
         assert [
             k["id"] for k in requests.get(stack.url + "/api/kernels", headers=ann, timeout=10).json()
         ] == [kid]
+        admin = _h(_token(stack))
+        assert kid in [
+            k["id"] for k in requests.get(stack.url + "/api/kernels", headers=admin, timeout=10).json()
+        ]
         assert requests.get(stack.url + "/api/kernels", timeout=10).status_code in (401, 403)
         assert requests.get(stack.url + "/api/kernels?token=nope", timeout=10).status_code in (401, 403)
     finally:
