@@ -194,3 +194,16 @@ def test_kernel_env_passes_kernel_variables_only_and_bad_requests_create_nothing
         assert [s["owner"] for s in sessions] == [ben_id]
     finally:
         requests.delete(stack.url + f"/api/kernels/{kid}", headers=h, timeout=60)
+
+
+def test_a_kernel_no_agent_can_hold_is_refused_at_once_with_the_reason(stack: Stack, users: dict[str, str]):
+    # The GPU kernelspec asks for a cuda.device; this gateway's agent has none.
+    r = requests.post(
+        stack.url + "/api/kernels",
+        json={"name": "backendai-python3-gpu"},
+        headers=_h(users["kg-ann"]),
+        timeout=30,
+    )
+    assert r.status_code == 400
+    assert "no agent offers cuda.device" in r.json()["message"]
+    assert requests.get(stack.url + "/api/kernels", headers=_h(users["kg-ann"]), timeout=10).json() == []

@@ -31,6 +31,7 @@ from sqlalchemy import select
 from tornado import web
 from traitlets import Unicode, default
 
+from ..common.errors import ApiError
 from .models import Keypair, User
 
 # The user of the request being served (set once the token is checked).
@@ -183,9 +184,18 @@ class KernelsHandler(MainKernelHandler):
         if not isinstance(name, str):
             raise web.HTTPError(400, "name must be a kernelspec name")
         try:
-            self.kernel_spec_manager.get_kernel_spec(name)
+            spec = self.kernel_spec_manager.get_kernel_spec(name)
         except Exception:
             raise web.HTTPError(404, f"no kernelspec {name!r}") from None
+        # Refuse now what the placement path would refuse (policy, image, size): a clear 4xx to
+        # the client instead of a kernel that dies while starting.
+        config = spec.metadata.get("kernel_provisioner", {}).get("config", {})
+        try:
+            await self.settings["sessions"].check(
+                caller(), {"image": config.get("image", ""), "resources": config.get("resources", {})}
+            )
+        except ApiError as e:
+            raise web.HTTPError(e.status, e.title) from None
         kernel_id = await self.kernel_manager.start_kernel(
             kernel_name=name, path=model.get("path"), env=clean
         )

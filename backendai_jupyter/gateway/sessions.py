@@ -225,40 +225,18 @@ class SessionService:
 
     # -- the API ---------------------------------------------------------------------------
 
+    async def check(self, user: User, body: dict[str, Any]) -> None:
+        """Everything ``create`` would refuse, refused now, without creating anything."""
+        image, _, resources, _ = self._parse(body)
+        await self._check_placeable(user, image, resources)
+
     async def create(self, user: User, access_key: str, body: dict[str, Any]) -> dict[str, Any]:
         """Validate a request, clamp it to policy, and queue it; placement follows at once."""
-        image = body.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise InvalidRequest("image is required (e.g. 'backendai-jupyter/python')")
-        image = image.strip()
-        name = body.get("name") or ""
-        if not isinstance(name, str) or len(name) > 128:
-            raise InvalidRequest("name must be a string of at most 128 characters")
-        try:
-            requested = ResourceSlot.parse(body.get("resources") or {})
-            resources = ResourceSlot({**self.default_resources, **requested}).clamp(self.max_resources)
-            validate_request(resources)
-        except SlotError as e:
-            raise InvalidRequest(f"resources: {e}") from None
-        env = validate_env(body.get("env"))
+        image, name, resources, env = self._parse(body)
         previous = await self._previous(user, body.get("restart_of"))
         # Check and insert under the user's lock: concurrent requests cannot all pass a limit.
         async with self._user_locks.setdefault(user.id, asyncio.Lock()):
-            await self._check_policy(user, image, resources)
-            links = self.registry.alive()
-            if links:
-                known = sorted(
-                    {normalize_image(t) for link in links for i in link.registration.images for t in i.tags}
-                )
-                if normalize_image(image) not in known:
-                    raise UnknownImage(
-                        f"unknown image {image!r}; agents have: {', '.join(known) or 'no images'}",
-                        available=known,
-                    )
-                too_big = self.cluster.exceeds_every_agent(resources)
-                if too_big:
-                    raise InsufficientResources(too_big)
-
+            links = await self._check_placeable(user, image, resources)
             sid = str(uuid.uuid4())
             now = datetime.now(UTC)
             reason = "" if links else "waiting: no agent is connected"
@@ -294,6 +272,38 @@ class SessionService:
         self._publish(row, first.id)
         self._wakeup.set()
         return session_json(row, with_connection=False)
+
+    def _parse(self, body: dict[str, Any]) -> tuple[str, str, ResourceSlot, dict[str, str]]:
+        """Image, name, resources (defaults, server clamp) and env of a request, or a clear error."""
+        image = body.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise InvalidRequest("image is required (e.g. 'backendai-jupyter/python')")
+        name = body.get("name") or ""
+        if not isinstance(name, str) or len(name) > 128:
+            raise InvalidRequest("name must be a string of at most 128 characters")
+        try:
+            requested = ResourceSlot.parse(body.get("resources") or {})
+            resources = ResourceSlot({**self.default_resources, **requested}).clamp(self.max_resources)
+            validate_request(resources)
+        except SlotError as e:
+            raise InvalidRequest(f"resources: {e}") from None
+        return image.strip(), name, resources, validate_env(body.get("env"))
+
+    async def _check_placeable(self, user: User, image: str, resources: ResourceSlot) -> list[Any]:
+        """Policy, image and capacity checks; returns the connected agents."""
+        await self._check_policy(user, image, resources)
+        links = self.registry.alive()
+        if links:
+            tags = {normalize_image(t) for link in links for i in link.registration.images for t in i.tags}
+            if normalize_image(image) not in tags:
+                raise UnknownImage(
+                    f"unknown image {image!r}; agents have: {', '.join(sorted(tags)) or 'no images'}",
+                    available=sorted(tags),
+                )
+            too_big = self.cluster.exceeds_every_agent(resources)
+            if too_big:
+                raise InsufficientResources(too_big)
+        return links
 
     async def _check_policy(self, user: User, image: str, resources: ResourceSlot) -> None:
         """Refuse at once what the user's resource policy does not allow, naming the limit."""
