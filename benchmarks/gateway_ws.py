@@ -138,21 +138,22 @@ def _http_error(e: Exception) -> str:
 class WsClient:
     """A kernel's websocket (``/api/kernels/<id>/channels``), legacy JSON messages, shell only."""
 
-    def __init__(self, conn: WebSocketClientConnection) -> None:
+    def __init__(self, conn: WebSocketClientConnection, session: str) -> None:
         self.conn = conn
-        self.session = uuid.uuid4().hex
+        self.session = session
 
     @classmethod
     async def connect(cls, base: str, token: str, kernel_id: str, nodelay: bool, timeout: float) -> WsClient:
         parts = urlsplit(base)
         scheme = "wss" if parts.scheme == "https" else "ws"
         path = parts.path.rstrip("/") + f"/api/kernels/{kernel_id}/channels"
-        url = urlunsplit((scheme, parts.netloc, path, "", ""))
+        session = uuid.uuid4().hex  # as Jupyter's own front ends do, one per client
+        url = urlunsplit((scheme, parts.netloc, path, f"session_id={session}", ""))
         req = HTTPRequest(url, headers={"Authorization": f"token {token}"}, request_timeout=timeout)
         conn = await websocket_connect(req)
         if nodelay:
             conn.stream.set_nodelay(True)
-        return cls(conn)
+        return cls(conn, session)
 
     def send(self, msg_type: str, content: dict[str, Any]) -> str:
         msg_id = uuid.uuid4().hex

@@ -207,3 +207,30 @@ def test_a_kernel_no_agent_can_hold_is_refused_at_once_with_the_reason(stack: St
     assert r.status_code == 400
     assert "no agent offers cuda.device" in r.json()["message"]
     assert requests.get(stack.url + "/api/kernels", headers=_h(users["kg-ann"]), timeout=10).json() == []
+
+
+def test_the_clients_launch_timeout_is_the_one_timeout(stack: Stack, users: dict[str, str]):
+    me = next(a for a in stack.api("GET", "/v1/agents")["agents"] if a["id"] == stack.agent_id)
+    blocker = stack.api(
+        "POST",
+        "/v1/sessions",
+        {"image": "backendai-jupyter/python", "resources": {"cpu": me["capacity"]["cpu"], "mem": "128m"}},
+    )["id"]
+    try:
+        stack.api.wait_state(blocker, {"RUNNING"})
+        start = time.monotonic()
+        r = requests.post(
+            stack.url + "/api/kernels",
+            json={"name": SPEC, "env": {"KERNEL_LAUNCH_TIMEOUT": "2"}},
+            headers=_h(users["kg-ann"]),
+            timeout=60,
+        )
+        took = time.monotonic() - start
+        assert r.status_code >= 400
+        assert "did not start within 2 s" in r.text and "it was cancelled" in r.text
+        assert 2 <= took < 10
+        assert requests.get(stack.url + "/api/kernels", headers=_h(users["kg-ann"]), timeout=10).json() == []
+    finally:
+        stack.api("DELETE", f"/v1/sessions/{blocker}")
+    active = stack.api("GET", "/v1/sessions?all=1&active=1")["sessions"]
+    assert active == []  # the timed-out request was cancelled, not left waiting

@@ -83,3 +83,11 @@ _BY_TYPE: dict[str, type[ApiError]] = {
         AgentUnavailable,
     )
 }
+
+
+class LaunchError(RuntimeError):
+    """The gateway could not give a client its kernel; the message says why and what to do."""
+
+
+class LaunchTimeout(LaunchError):
+    """The kernel was not running within the launch timeout (and was cancelled)."""

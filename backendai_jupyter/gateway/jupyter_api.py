@@ -31,7 +31,7 @@ from sqlalchemy import select
 from tornado import web
 from traitlets import Unicode, default
 
-from ..common.errors import ApiError
+from ..common.errors import ApiError, LaunchError, LaunchTimeout
 from .models import Keypair, User
 
 # The user of the request being served (set once the token is checked).
@@ -92,6 +92,11 @@ class BackendAIKernelManager(ServerKernelManager):
             self.provisioner.access_key = cfg["access_key"]
             self.provisioner.secret_key = cfg["secret_key"]
             self.provisioner.forward_env = ["*"]  # the handler already kept only what may pass
+            # One launch timeout: the client's. jupyter_server's GatewayClient always sends it and
+            # waits that long plus a pad, so the client gets our clear error, not its own timeout.
+            timeout = (kw.get("env") or {}).get("KERNEL_LAUNCH_TIMEOUT", "")
+            if timeout.replace(".", "", 1).isdigit() and float(timeout) > 0:
+                self.provisioner.launch_timeout = float(timeout)
         return await super()._async_pre_start_kernel(**kw)
 
 
@@ -196,9 +201,14 @@ class KernelsHandler(MainKernelHandler):
             )
         except ApiError as e:
             raise web.HTTPError(e.status, e.title) from None
-        kernel_id = await self.kernel_manager.start_kernel(
-            kernel_name=name, path=model.get("path"), env=clean
-        )
+        try:
+            kernel_id = await self.kernel_manager.start_kernel(
+                kernel_name=name, path=model.get("path"), env=clean
+            )
+        except LaunchTimeout as e:
+            raise web.HTTPError(504, str(e)) from None
+        except LaunchError as e:
+            raise web.HTTPError(503, str(e)) from None
         model = (
             await self.kernel_manager.kernel_model(kernel_id)
             if hasattr(self.kernel_manager.kernel_model, "__await__")

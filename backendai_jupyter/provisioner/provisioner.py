@@ -19,13 +19,9 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Dict, Float, List, Unicode, default
 
 from ..common.clientconfig import ClientConfig, default_path
-from ..common.errors import ApiError, Conflict
+from ..common.errors import ApiError, Conflict, LaunchError, LaunchTimeout
 from ..common.states import SessionState
 from .client import GatewayClient, SessionWatch
-
-
-class LaunchError(RuntimeError):
-    """The gateway could not give us a kernel; the message says why and what to do."""
 
 
 def client_config(gateway_url: str, access_key: str, secret_key: str, path: str) -> ClientConfig:
@@ -217,7 +213,7 @@ class BackendAIProvisioner(KernelProvisionerBase):
         except TimeoutError:
             await self._delete()
             self.session_id = None
-            raise LaunchError(
+            raise LaunchTimeout(
                 f"the kernel did not start within {self.launch_timeout:.0f} s "
                 f"(last state: {self._describe(sid)}); it was cancelled"
             ) from None
