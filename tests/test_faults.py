@@ -11,7 +11,7 @@ import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.manager import KernelManager
 
-from backendai_jupyter.provisioner.provisioner import LaunchError
+from backendai_jupyter.common.errors import LaunchError
 
 from .conftest import SPEC
 from .kernel_helpers import client, stdout

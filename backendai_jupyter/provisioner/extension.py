@@ -8,9 +8,9 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.application import ExtensionApp
 from tornado import web
 
-from ..common.errors import ApiError
+from ..common.errors import ApiError, LaunchError
 from .client import GatewayClient
-from .provisioner import LaunchError, client_config
+from .provisioner import client_config
 
 
 class StatusHandler(APIHandler):
