@@ -234,3 +234,22 @@ def test_the_clients_launch_timeout_is_the_one_timeout(stack: Stack, users: dict
         stack.api("DELETE", f"/v1/sessions/{blocker}")
     active = stack.api("GET", "/v1/sessions?all=1&active=1")["sessions"]
     assert active == []  # the timed-out request was cancelled, not left waiting
+
+
+def test_kernelspecs_come_from_presets_and_from_the_agents_images(stack: Stack, users: dict[str, str]):
+    h = _h(users["kg-ann"])
+    specs = requests.get(stack.url + "/api/kernelspecs", headers=h, timeout=10).json()["kernelspecs"]
+    name = "backendai-image-backendai-jupyter-python-latest"
+    assert {SPEC, "backendai-python3-gpu", name} <= set(specs)
+    spec = specs[name]["spec"]
+    assert spec["display_name"] == "Python 3 (backendai-jupyter/python:latest)"
+    assert spec["metadata"]["kernel_provisioner"]["config"]["image"] == "backendai-jupyter/python:latest"
+    assert requests.get(stack.url + "/api/kernelspecs/python3", headers=h, timeout=10).status_code == 404
+    r = requests.post(stack.url + "/api/kernels", json={"name": "python3"}, headers=h, timeout=30)
+    assert r.status_code == 404  # a local kernel on the gateway host is never offered
+    kid = requests.post(stack.url + "/api/kernels", json={"name": name}, headers=h, timeout=120).json()["id"]
+    try:
+        out = execute_over_websocket(f"{stack.url}/api/kernels/{kid}/channels", "print(2 + 2)", headers=h)
+        assert out == "4\n"
+    finally:
+        requests.delete(stack.url + f"/api/kernels/{kid}", headers=h, timeout=60)

@@ -193,7 +193,7 @@ class Gateway(LoggingConfigurable):
         )
         await self.sessions.start()
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
-            self.data_dir, self.url, sessionmaker, set(self.kernel_env_allowlist), self.log
+            self.data_dir, self.url, self.sessions, set(self.kernel_env_allowlist), self.log
         )
         app = web.Application(
             [

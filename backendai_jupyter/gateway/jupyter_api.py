@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextvars
 import json
 import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_server.auth.identity import IdentityProvider
 from jupyter_server.auth.identity import User as JupyterUser
 from jupyter_server.services.kernels.handlers import KernelActionHandler, MainKernelHandler
@@ -157,6 +159,68 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
         return ""
 
 
+class GatewayKernelSpecManager(KernelSpecManager):
+    """The kernelspecs the gateway offers: installed ``backendai-*`` presets, and one per image.
+
+    An image spec (``backendai-image-<image>``) asks for the image as the agents know it, with
+    the gateway's default resources. Nothing else is offered: a kernelspec that would start a
+    kernel on the gateway host itself never shows.
+    """
+
+    sessions: Any = None  # the gateway's SessionService, set once it exists
+
+    def _image_specs(self) -> dict[str, KernelSpec]:
+        if self.sessions is None:
+            return {}
+        presets = super().find_kernel_specs()
+        out: dict[str, KernelSpec] = {}
+        for link in self.sessions.registry.alive():
+            for image in link.registration.images:
+                kernel = image.kernel or {}
+                language = str(kernel.get("language", ""))
+                logo_dir = presets.get("backendai-python3", "") if language == "python" else ""
+                for tag in image.tags:
+                    name = "backendai-image-" + re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-")
+                    out.setdefault(
+                        name,
+                        KernelSpec(
+                            resource_dir=logo_dir,
+                            display_name=f"{kernel.get('display_name', 'Kernel')} ({tag})",
+                            language=language,
+                            argv=[
+                                sys.executable,
+                                "-m",
+                                "backendai_jupyter.provisioner.launcher",
+                                "-f",
+                                "{connection_file}",
+                            ],
+                            metadata={
+                                "kernel_provisioner": {
+                                    "provisioner_name": "backendai-provisioner",
+                                    "config": {
+                                        "image": tag,
+                                        "resources": self.sessions.default_resources.to_json(),
+                                    },
+                                }
+                            },
+                        ),
+                    )
+        return out
+
+    def find_kernel_specs(self) -> dict[str, str]:
+        found = {n: d for n, d in super().find_kernel_specs().items() if n.startswith("backendai-")}
+        found.update({n: s.resource_dir for n, s in self._image_specs().items()})
+        return found
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        images = self._image_specs()
+        if kernel_name in images:
+            return images[kernel_name]
+        if not kernel_name.startswith("backendai-"):
+            raise NoSuchKernel(kernel_name)
+        return super().get_kernel_spec(kernel_name)
+
+
 class OwnedSessionManager(SessionManager):
     """Sessions are listed only where their kernel belongs to the caller."""
 
@@ -237,7 +301,7 @@ class FastKernelWebsocketHandler(KernelWebsocketHandler):
 
 
 def jupyter_handlers_and_settings(
-    data_dir: str, gateway_url: str, db: Any, env_allowlist: set[str], log: Any
+    data_dir: str, gateway_url: str, sessions: Any, env_allowlist: set[str], log: Any
 ) -> tuple[list[Any], dict[str, Any]]:
     """jupyter_server's kernel, kernelspec and session handlers, configured for the gateway."""
     from jupyter_server.kernelspecs.handlers import default_handlers as kernelspec_resources
@@ -262,14 +326,11 @@ def jupyter_handlers_and_settings(
     config.BackendAIMappingKernelManager.gateway_url = gateway_url
     config.BackendAIMappingKernelManager.default_kernel_name = "backendai-python3"
     config.KernelSpecManager.default_kernel_name = "backendai-python3"
-    # Only kernelspecs that run kernels on agents: never a local kernel on the gateway host.
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    names = {n for n in KernelSpecManager().find_kernel_specs() if n.startswith("backendai-")}
-    config.KernelSpecManager.allowed_kernelspecs = names
+    config.ServerApp.kernel_spec_manager_class = GatewayKernelSpecManager
     app = ServerApp(config=config, log=log)
     app.initialize(argv=[], find_extensions=False, new_httpserver=False)
-    app.kernel_manager.db = db
+    app.kernel_manager.db = sessions.db
+    app.kernel_spec_manager.sessions = sessions
     settings = dict(app.web_app.settings)
     settings["backendai_env_allowlist"] = env_allowlist
     handlers = []
