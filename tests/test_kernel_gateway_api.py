@@ -178,6 +178,8 @@ def test_kernel_env_passes_kernel_variables_only_and_bad_requests_create_nothing
     assert r.status_code == 400
     r = requests.post(stack.url + "/api/kernels", data=b"{not json", headers=h, timeout=30)
     assert r.status_code == 400
+    r = requests.post(stack.url + "/api/kernels", json={"name": 42}, headers=h, timeout=30)
+    assert r.status_code == 400
     time.sleep(0.5)
     assert len(stack.containers()) == before
     env = {"KERNEL_PROJECT": "demo", "SECRET_FROM_CLIENT": "nope", "KERNEL_USERNAME": "root"}

@@ -249,7 +249,7 @@ class KernelsHandler(MainKernelHandler):
                 )
             if k.startswith("KERNEL_") or k in allowed:
                 clean[k] = v
-        name = model.get("name") or self.kernel_spec_manager.default_kernel_name
+        name = model.get("name") or self.kernel_manager.default_kernel_name
         if not isinstance(name, str):
             raise web.HTTPError(400, "name must be a kernelspec name")
         try:
@@ -325,7 +325,6 @@ def jupyter_handlers_and_settings(
     config.ServerApp.terminals_enabled = False
     config.BackendAIMappingKernelManager.gateway_url = gateway_url
     config.BackendAIMappingKernelManager.default_kernel_name = "backendai-python3"
-    config.KernelSpecManager.default_kernel_name = "backendai-python3"
     config.ServerApp.kernel_spec_manager_class = GatewayKernelSpecManager
     app = ServerApp(config=config, log=log)
     app.initialize(argv=[], find_extensions=False, new_httpserver=False)
