@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import queue
 import secrets
@@ -54,6 +53,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
+from measure import BenchmarkError, log, percentile  # benchmarks/ is on sys.path when run as a script
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -73,25 +73,6 @@ EXECUTE_CONTENT = {
     "stop_on_error": True,
 }
 CLIENTS = ("ours", "direct", "stock", "stock_direct")
-
-
-class BenchmarkError(Exception):
-    """The benchmark cannot run; the message says why."""
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) with linear interpolation between the closest ranks."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def ms(seconds: float) -> float:

@@ -63,6 +63,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import KernelManager
 from jupyter_client.session import Session
+from measure import BenchmarkError, log, percentile  # benchmarks/ is on sys.path when run as a script
 
 from backendai_jupyter.agent.backends.base import CONNECTION_FILE_IN_CONTAINER, CONTAINER_PORTS, KERNEL_LABEL
 from backendai_jupyter.common.clientconfig import ENV_PATH
@@ -77,25 +78,6 @@ FLOOR_LABEL = "io.backendai-jupyter.benchmark"
 FLOOR_RUN_LABEL = "io.backendai-jupyter.benchmark-run"
 RESEND_INTERVAL = 0.05
 LAUNCH_PHASES = ("PENDING", "SCHEDULED", "PREPARING", "CREATING", "RUNNING")
-
-
-class BenchmarkError(Exception):
-    """The benchmark cannot run; the message says why."""
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) with linear interpolation between the closest ranks."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def ms(seconds: float) -> float:

@@ -151,7 +151,7 @@ def eventually(check: Any, timeout: float = 15, interval: float = 0.1) -> Any:
 
 
 @contextlib.contextmanager
-def jupyter(app: str, root: Path, token: str) -> Iterator[str]:
+def jupyter(app: str, root: Path, token: str, *args: str) -> Iterator[str]:
     """Run `jupyter server` or `jupyter lab` on a free port; yields its URL once it answers."""
     port = free_port()
     log = root / f"{app}.log"
@@ -165,6 +165,7 @@ def jupyter(app: str, root: Path, token: str) -> Iterator[str]:
             f"--IdentityProvider.token={token}",
             f"--ServerApp.root_dir={root}",
             "--allow-root",
+            *args,
         ],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import requests
 
 from .conftest import SPEC
 from .kernel_helpers import execute_over_websocket
-from .stack import Stack, eventually, free_port, wait_for_line
+from .stack import Stack, eventually, jupyter
 
 pytestmark = pytest.mark.docker
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
@@ -36,36 +34,9 @@ def users(stack: Stack) -> dict[str, str]:
 @pytest.fixture
 def lab_server(stack: Stack, users: dict[str, str], tmp_path: Path):
     """A stock `jupyter server --gateway-url` pointed at our gateway, as JupyterLab would run."""
-    port = free_port()
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("jupyter")),
-            "server",
-            "--no-browser",
-            f"--port={port}",
-            "--ServerApp.ip=127.0.0.1",
-            "--IdentityProvider.token=lab",
-            f"--ServerApp.root_dir={tmp_path}",
-            f"--gateway-url={stack.url}",
-            f"--GatewayClient.auth_token={users['kg-ann']}",
-            "--allow-root",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for_line(proc, log, "Jupyter Server")
-        url = f"http://127.0.0.1:{port}"
-        eventually(lambda: requests.get(url + "/api", timeout=2).ok, timeout=30)
+    args = (f"--gateway-url={stack.url}", f"--GatewayClient.auth_token={users['kg-ann']}")
+    with jupyter("server", tmp_path, "lab", *args) as url:
         yield url
-    except BaseException:
-        print(log.read_text()[-4000:])
-        raise
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_jupyter_server_with_gateway_url_runs_kernels_on_our_agents(stack: Stack, lab_server: str):
