@@ -14,6 +14,7 @@ handlers and managers, not a second relay; only three things are ours:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import re
@@ -150,6 +151,46 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
             return kernels
         return [k for k in kernels if self.owners.get(k["id"]) == user.id]
 
+    async def shutdown_kernel(self, kernel_id: str, now: bool = False, restart: bool = False) -> None:
+        """End a kernel; answers once it is gone, also when it was still queued or starting."""
+        self._check_kernel_id(kernel_id)
+        km = self._kernels.get(kernel_id)
+        if km is not None and not restart and not km.ready.done():
+            # Still queued or starting: end its session, so the start fails now instead of
+            # shutting down after it (which is what jupyter_client would wait for).
+            if km.provisioner is not None:
+                await km.provisioner.cancel_launch()
+        await super().shutdown_kernel(kernel_id, now=now, restart=restart)
+        pending = self._pending_kernels.get(kernel_id)
+        if pending is not None and not restart:
+            with contextlib.suppress(Exception):
+                await pending  # with pending kernels the removal runs on: wait for it
+
+    async def _finish_kernel_start(self, kernel_id: str) -> None:
+        km = self._kernels[kernel_id]
+        try:
+            await km.ready
+        except Exception as e:
+            # Keep it listed, dead, with the reason: that is how a Kernel Gateway client learns it.
+            km.execution_state = "dead"
+            km.reason = str(e)
+            return
+        await super()._finish_kernel_start(kernel_id)
+
+    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+        """jupyter_server's model, plus where the launch stands while the kernel starts."""
+        model = super().kernel_model(kernel_id)
+        provisioner = self._kernels[kernel_id].provisioner
+        sid = getattr(provisioner, "session_id", None)
+        if sid:
+            event = provisioner.client.cached_state(sid)
+            model["backendai"] = {
+                "session_id": sid,
+                "state": event.get("state"),
+                "reason": event.get("reason"),
+            }
+        return model
+
     def remove_kernel(self, kernel_id: str) -> Any:
         self.owners.pop(kernel_id, None)
         return super().remove_kernel(kernel_id)
@@ -273,11 +314,7 @@ class KernelsHandler(MainKernelHandler):
             raise web.HTTPError(504, str(e)) from None
         except LaunchError as e:
             raise web.HTTPError(503, str(e)) from None
-        model = (
-            await self.kernel_manager.kernel_model(kernel_id)
-            if hasattr(self.kernel_manager.kernel_model, "__await__")
-            else self.kernel_manager.kernel_model(kernel_id)
-        )
+        model = self.kernel_manager.kernel_model(kernel_id)
         self.set_header("Location", f"/api/kernels/{kernel_id}")
         self.set_status(201)
         self.finish(json.dumps(model, default=str))
@@ -326,6 +363,9 @@ def jupyter_handlers_and_settings(
     config.BackendAIMappingKernelManager.gateway_url = gateway_url
     config.BackendAIMappingKernelManager.default_kernel_name = "backendai-python3"
     config.ServerApp.kernel_spec_manager_class = GatewayKernelSpecManager
+    # POST /api/kernels answers as soon as the kernel is requested ("starting"); its model says
+    # where the launch stands (queued and why, placed, running); the websocket waits for it.
+    config.BackendAIMappingKernelManager.use_pending_kernels = True
     app = ServerApp(config=config, log=log)
     app.initialize(argv=[], find_extensions=False, new_httpserver=False)
     app.kernel_manager.db = sessions.db

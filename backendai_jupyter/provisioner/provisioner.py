@@ -93,6 +93,7 @@ class BackendAIProvisioner(KernelProvisionerBase):
     session_id: str | None = None
     # After cleanup(restart=True): the session the next launch replaces (same ports and key).
     _restart_of: str | None = None
+    _cancelled = False  # the launch was given up while in progress
     _client: GatewayClient | None = None
 
     # -- helpers --------------------------------------------------------------------------------
@@ -170,6 +171,11 @@ class BackendAIProvisioner(KernelProvisionerBase):
             except LaunchError:
                 await self._delete()
 
+    async def cancel_launch(self) -> None:
+        """Give up a launch in progress (its client shut the kernel down while it was starting)."""
+        self._cancelled = True
+        await self._delete()
+
     async def _delete(self) -> None:
         if self.session_id is None:
             return
@@ -206,6 +212,10 @@ class BackendAIProvisioner(KernelProvisionerBase):
         model = await self._call("POST", "/v1/sessions", body)
         self.session_id = model["id"]
         sid = model["id"]
+        if self._cancelled:
+            await self._delete()
+            self.session_id = None
+            raise LaunchError("the kernel was shut down while it was starting")
         try:
             w = await self.client.run(
                 self.client.wait_for(sid, _running_or_over, timeout=self.launch_timeout)
