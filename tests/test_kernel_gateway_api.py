@@ -153,13 +153,24 @@ def test_kernel_env_passes_kernel_variables_only_and_bad_requests_create_nothing
     assert r.status_code == 400
     time.sleep(0.5)
     assert len(stack.containers()) == before
-    env = {"KERNEL_PROJECT": "demo", "SECRET_FROM_CLIENT": "nope", "KERNEL_USERNAME": "root"}
+    # KERNEL_WORKING_DIR names a directory on the client's host; with no user storage mapped into
+    # kernels it maps nowhere, so the kernel starts in its own home directory.
+    env = {
+        "KERNEL_PROJECT": "demo",
+        "SECRET_FROM_CLIENT": "nope",
+        "KERNEL_USERNAME": "root",
+        "KERNEL_WORKING_DIR": "/home/someone/project",
+    }
     kid = requests.post(
         stack.url + "/api/kernels", json={"name": SPEC, "env": env}, headers=h, timeout=120
     ).json()["id"]
     try:
         code = "import os; print(os.environ.get('KERNEL_PROJECT'), os.environ.get('SECRET_FROM_CLIENT'))"
         out = execute_over_websocket(f"{stack.url}/api/kernels/{kid}/channels", code, headers=h)
+        cwd = execute_over_websocket(
+            f"{stack.url}/api/kernels/{kid}/channels", "import os; print(os.getcwd())", headers=h
+        )
+        assert cwd == "/home/work\n"
         assert out == "demo None\n"
         # Identity comes from the token, not from KERNEL_USERNAME.
         sessions = stack.api("GET", "/v1/sessions?all=1&active=1")["sessions"]
