@@ -29,7 +29,9 @@ def install(*, user: bool = False, prefix: str | None = None, names: list[str] |
             dst = Path(tmp) / name
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
             spec = json.loads((dst / "kernel.json").read_text())
-            spec["argv"] = [a.replace("{python}", sys.executable) for a in spec["argv"]]
+            spec["argv"] = [
+                a.replace("{python}", sys.executable).replace("{kernel_name}", name) for a in spec["argv"]
+            ]
             (dst / "kernel.json").write_text(json.dumps(spec, indent=2))
             done.append(ksm.install_kernel_spec(str(dst), name, user=user, prefix=prefix))
     return done

@@ -63,7 +63,15 @@ def extra_kernelspecs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def make(name: str, **config: object) -> str:
         src = json.loads((Path(__file__).parent.parent / "kernelspecs" / SPEC / "kernel.json").read_text())
         src["metadata"]["kernel_provisioner"]["config"].update(config)
-        src["argv"] = ["python", "-m", "backendai_jupyter.provisioner.launcher", "-f", "{connection_file}"]
+        src["argv"] = [
+            "python",
+            "-m",
+            "backendai_jupyter.provisioner.launcher",
+            "-f",
+            "{connection_file}",
+            "--kernel",
+            name,
+        ]
         d = tmp_path / "kernels" / name
         d.mkdir(parents=True)
         (d / "kernel.json").write_text(json.dumps(src))

@@ -189,13 +189,14 @@ class KernelRunner:
             self._set(k, SessionState.ERROR, detail)
 
     def _ports_and_key(self, reuse: dict[str, Any] | None) -> tuple[dict[str, int], str]:
-        """The previous kernel's ports and key when it is a restart and they are free, else new."""
-        if reuse:
-            wanted = {ch: int(reuse.get(f"{ch}_port", 0)) for ch in CONTAINER_PORTS}
+        """The ports and key asked for (a restart's, a launcher's key) where possible, else new ones."""
+        key = str(reuse["key"]) if reuse and reuse.get("key") else uuid.uuid4().hex
+        if reuse and all(reuse.get(f"{ch}_port") for ch in CONTAINER_PORTS):
+            wanted = {ch: int(reuse[f"{ch}_port"]) for ch in CONTAINER_PORTS}
             if self.ports.take_exactly(list(wanted.values())):
-                return wanted, str(reuse["key"])
+                return wanted, key
         ports = self.ports.take(len(CONTAINER_PORTS))
-        return dict(zip(CONTAINER_PORTS, ports, strict=True)), uuid.uuid4().hex
+        return dict(zip(CONTAINER_PORTS, ports, strict=True)), key
 
     def _device_args(self, order: CreateKernel) -> ContainerArgs:
         """What the container needs to see exactly the devices the gateway allocated."""

@@ -234,6 +234,8 @@ class GatewayKernelSpecManager(KernelSpecManager):
                                 "backendai_jupyter.provisioner.launcher",
                                 "-f",
                                 "{connection_file}",
+                                "--kernel",
+                                name,
                             ],
                             metadata={
                                 "kernel_provisioner": {

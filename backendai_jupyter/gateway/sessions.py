@@ -47,6 +47,8 @@ from .scheduler import (
 log = logging.getLogger(__name__)
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+STREAM_GRACE = 5.0  # seconds a bound session outlives its client's last event stream
 MAX_ENV_VALUE = 4096
 MAX_ENV_ENTRIES = 128
 SIGNALS = {"SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"}
@@ -69,6 +71,8 @@ class Live:
     reason: str = ""
     # A restart: the agent and connection of the session this one replaces.
     previous: tuple[str, dict[str, Any]] | None = None
+    key: str = ""  # the kernel's HMAC key, when the client chose it (the launcher relays as is)
+    bound: bool = False  # ends when its client's event stream is gone
 
 
 def validate_env(env: object) -> dict[str, str]:
@@ -162,6 +166,7 @@ class SessionService:
         self._last_event: dict[str, dict[str, Any]] = {}
         self._user_locks: dict[str, asyncio.Lock] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per session: state changes one at a time
+        self._streams: dict[str, int] = {}  # session → open event streams
         self.hub = hub
         self.default_resources = default_resources
         self.max_resources = max_resources
@@ -234,6 +239,10 @@ class SessionService:
         """Validate a request, clamp it to policy, and queue it; placement follows at once."""
         image, name, resources, env = self._parse(body)
         previous = await self._previous(user, body.get("restart_of"))
+        key = body.get("key") or ""
+        if not isinstance(key, str) or (key and not KEY_RE.match(key)):
+            raise InvalidRequest("key must be 16-128 letters, digits, '-' or '_'")
+        bound = bool(body.get("bound_to_stream"))
         # Check and insert under the user's lock: concurrent requests cannot all pass a limit.
         async with self._user_locks.setdefault(user.id, asyncio.Lock()):
             links = await self._check_placeable(user, image, resources)
@@ -268,6 +277,8 @@ class SessionService:
                 seq=self._next_seq(),
                 reason=reason,
                 previous=previous,
+                key=key,
+                bound=bound,
             )
         self._publish(row, first.id)
         self._wakeup.set()
@@ -666,6 +677,8 @@ class SessionService:
         order.devices = alloc.devices_json()
         if live.previous and live.previous[0] == live.agent_id:
             order.reuse = live.previous[1]
+        if live.key:
+            order.reuse = {**(order.reuse or {}), "key": live.key}
         if self.live.get(live.id) is not live or live.state != SessionState.SCHEDULED:
             return  # ended before the order went out
         try:
@@ -680,6 +693,22 @@ class SessionService:
             await self._order_destroy(live.agent_id or "", live.id)
 
     # -- state changes ---------------------------------------------------------------------
+
+    def stream_opened(self, sid: str) -> None:
+        self._streams[sid] = self._streams.get(sid, 0) + 1
+
+    def stream_closed(self, sid: str, user: User) -> None:
+        """A bound session whose client's last stream is gone (and stays gone) is ended."""
+        self._streams[sid] = self._streams.get(sid, 1) - 1
+        live = self.live.get(sid)
+        if live is not None and live.bound and self._streams[sid] <= 0:
+            self._spawn(self._end_if_abandoned(sid, user))
+
+    async def _end_if_abandoned(self, sid: str, user: User) -> None:
+        await asyncio.sleep(STREAM_GRACE)  # a reconnecting client keeps it
+        if self._streams.get(sid, 0) <= 0 and sid in self.live:
+            log.info("ending kernel session %s: its client went away", sid)
+            await self.destroy(user, sid)
 
     def _lock_of(self, sid: str) -> asyncio.Lock:
         return self._locks.setdefault(sid, asyncio.Lock())
@@ -731,6 +760,7 @@ class SessionService:
             if state.is_terminal:
                 del self.live[sid]
                 self._locks.pop(sid, None)
+                self._streams.pop(sid, None)
                 self.cluster.release(sid)
                 self._wakeup.set()  # resources came free
         self._publish(row, transition.id)

@@ -82,6 +82,8 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
 
     async def open(self, sid: str) -> None:  # type: ignore[override]
         self.set_nodelay(True)
+        self.settings["sessions"].stream_opened(sid)
+        self._counted = True
         first = await self.settings["sessions"].snapshot(self.current_user, sid)
         self._send(first)
         self._pump = asyncio.ensure_future(self._forward(first["seq"]))
@@ -107,6 +109,8 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
         pass  # clients only listen
 
     def on_close(self) -> None:
+        if getattr(self, "_counted", False):
+            self.settings["sessions"].stream_closed(self.sid, self.current_user)
         if self._queue is not None:
             self.settings["hub"].unsubscribe(self._queue)
         if self._pump:

@@ -1,0 +1,108 @@
+"""Clients that run a kernelspec's argv themselves (VS Code local kernels, jupyter_client 6)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+from jupyter_client.kernelspec import KernelSpecManager
+
+from .conftest import SPEC
+from .kernel_helpers import stdout
+from .stack import Stack, eventually
+
+pytestmark = pytest.mark.docker
+
+
+def _launch(tmp_path: Path) -> tuple[subprocess.Popen[str], BlockingKernelClient]:
+    """Do what VS Code does: a fresh connection file, the kernelspec's argv, a plain client."""
+    fname, _ = write_connection_file(
+        str(tmp_path / "kernel.json"), ip="127.0.0.1", key=os.urandom(16).hex().encode()
+    )
+    argv = [a.replace("{connection_file}", fname) for a in KernelSpecManager().get_kernel_spec(SPEC).argv]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    kc = BlockingKernelClient()
+    kc.load_connection_file(fname)
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return proc, kc
+
+
+def _session_of(stack: Stack) -> dict:
+    (session,) = [
+        s for s in stack.api("GET", "/v1/sessions?active=1")["sessions"] if s["name"].startswith("launcher:")
+    ]
+    return session
+
+
+def test_the_kernelspec_argv_runs_a_remote_kernel_for_clients_that_ignore_provisioners(
+    stack: Stack, tmp_path: Path
+):
+    proc, kc = _launch(tmp_path)
+    try:
+        sid = _session_of(stack)["id"]
+        out: list = []
+        reply = kc.execute_interactive(
+            "for i in range(3): print(i, flush=True)", output_hook=out.append, timeout=30
+        )
+        assert reply["content"]["status"] == "ok" and stdout(out) == "0\n1\n2\n"
+        png: list = []
+        kc.execute_interactive(
+            "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
+            output_hook=lambda m: png.append(m) if m["msg_type"] == "display_data" else None,
+            timeout=60,
+        )
+        assert png and "image/png" in png[0]["content"]["data"]
+        err = kc.execute_interactive("1 / 0", timeout=30)
+        assert err["content"]["status"] == "error" and err["content"]["ename"] == "ZeroDivisionError"
+        typed: list = []
+        kc.execute_interactive(
+            "print('hello', input('name? '))",
+            allow_stdin=True,
+            stdin_hook=lambda m: kc.input("ada"),
+            output_hook=typed.append,
+            timeout=30,
+        )
+        assert stdout(typed) == "hello ada\n"
+        kc.execute("while True: pass")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # what a client does to interrupt a kernel it started
+        assert kc.get_shell_msg(timeout=10)["content"]["ename"] == "KeyboardInterrupt"
+        assert [c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid]
+        kc.shutdown()
+        assert proc.wait(30) == 0
+        assert "relaying its channels" in proc.stderr.read()
+        assert not [c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid]
+        assert stack.api("GET", f"/v1/sessions/{sid}")["state"] == "TERMINATED"
+    finally:
+        kc.stop_channels()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_to_the_launcher_ends_the_remote_kernel(stack: Stack, tmp_path: Path):
+    proc, kc = _launch(tmp_path)
+    kc.stop_channels()
+    sid = _session_of(stack)["id"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert stack.api("GET", f"/v1/sessions/{sid}")["state"] == "TERMINATED"
+
+
+def test_a_launcher_killed_outright_leaves_no_kernel_behind(stack: Stack, tmp_path: Path):
+    proc, kc = _launch(tmp_path)
+    kc.stop_channels()
+    sid = _session_of(stack)["id"]
+    start = time.monotonic()
+    proc.kill()  # SIGKILL: no chance to clean up; the gateway sees its event stream drop
+    proc.wait(10)
+    eventually(lambda: stack.api("GET", f"/v1/sessions/{sid}")["state"] == "TERMINATED", timeout=20)
+    # Bounded by the gateway's grace for a reconnecting client (5 s) plus removing the container.
+    assert time.monotonic() - start < 12
+    assert not [c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid]
