@@ -36,7 +36,14 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy backendai_jupyter/common backendai_jupyter/provisioner backendai_jupyter/agent/backends/base.py \
 		backendai_jupyter/agent/accelerators
 
-test: setup lint
+# jupyter_client 6 (ignores kernel provisioners) with a matching nbclient, for the launcher's test.
+COMPAT := .venv-jc6/.installed
+$(COMPAT): Makefile
+	python3 -m venv .venv-jc6
+	.venv-jc6/bin/python -m pip install --quiet "jupyter_client<7" "nbclient<0.6" nbformat
+	@touch $@
+
+test: setup lint $(COMPAT)
 	@bash scripts/ensure-browser.sh
 	$(VENV)/bin/pytest
 

@@ -46,8 +46,10 @@ import json
 import math
 import os
 import queue
+import secrets
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +62,7 @@ import docker
 import docker.errors
 import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import KernelManager
 from jupyter_client.session import Session
@@ -73,6 +76,7 @@ from backendai_jupyter.provisioner.provisioner import LaunchError, client_config
 
 LAUNCH_TARGET_RATIO = 1.15
 RTT_TARGET_RATIO = 1.05
+RELAY_TARGET_RATIO = 1.1
 
 FLOOR_LABEL = "io.backendai-jupyter.benchmark"
 FLOOR_RUN_LABEL = "io.backendai-jupyter.benchmark-run"
@@ -371,25 +375,67 @@ def measure_rtt(
         floor = BlockingKernelClient()
         floor.load_connection_info(km.get_connection_info())
         clients = [ours, floor]
-        for kc in clients:
-            kc.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
-            _wait_reply(kc, kc.kernel_info(), "kernel_info_reply", timeout)
-            execute_rtt(kc, warmup, timeout)
-        samples: dict[int, list[float]] = {0: [], 1: []}
-        i = 0
-        while len(samples[0]) < n or len(samples[1]) < n:
-            # Blocks alternate ours/floor, and which one goes first alternates too.
-            order = (0, 1) if i % 2 == 0 else (1, 0)
-            for which in order:
-                take = min(block, n - len(samples[which]))
-                if take > 0:
-                    samples[which] += execute_rtt(clients[which], take, timeout)
-            i += 1
-        return samples[0], samples[1]
+        return interleaved_rtt(clients, n, warmup, block, timeout)
     finally:
         for kc in clients:
             kc.stop_channels()
         end_kernel(km, gw)
+
+
+def interleaved_rtt(
+    clients: list[BlockingKernelClient], n: int, warmup: int, block: int, timeout: float
+) -> tuple[list[float], list[float]]:
+    """Round trips of two clients, in alternating blocks (and alternating which goes first)."""
+    for kc in clients:
+        kc.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+        _wait_reply(kc, kc.kernel_info(), "kernel_info_reply", timeout)
+        execute_rtt(kc, warmup, timeout)
+    samples: dict[int, list[float]] = {0: [], 1: []}
+    i = 0
+    while len(samples[0]) < n or len(samples[1]) < n:
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            take = min(block, n - len(samples[which]))
+            if take > 0:
+                samples[which] += execute_rtt(clients[which], take, timeout)
+        i += 1
+    return samples[0], samples[1]
+
+
+def measure_relay_rtt(
+    kernel_name: str, gw: GatewayClient, n: int, warmup: int, block: int, timeout: float
+) -> tuple[list[float], list[float]]:
+    """(through the launcher's relay, direct to the same kernel): the argv path VS Code uses."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fname, _ = write_connection_file(
+            os.path.join(tmp, "kernel.json"), ip="127.0.0.1", key=secrets.token_hex(16).encode()
+        )
+        argv = [
+            a.replace("{connection_file}", fname)
+            for a in KernelSpecManager().get_kernel_spec(kernel_name).argv
+        ]
+        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        clients: list[BlockingKernelClient] = []
+        try:
+            relayed = BlockingKernelClient()
+            relayed.load_connection_file(fname)
+            relayed.start_channels()
+            relayed.wait_for_ready(timeout=timeout)
+            relayed.stop_channels()
+            sessions = gw.submit(gw.request("GET", "/v1/sessions?active=1")).result()["sessions"]
+            (mine,) = [s for s in sessions if s["name"] == f"launcher:{kernel_name}" and s.get("connection")]
+            direct = BlockingKernelClient()
+            direct.load_connection_info(mine["connection"])
+            clients = [relayed, direct]
+            return interleaved_rtt(clients, n, warmup, block, timeout)
+        finally:
+            for kc in clients:
+                kc.stop_channels()
+            proc.send_signal(signal.SIGTERM)  # the launcher ends its kernel
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -455,6 +501,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.kernel_name, gw, args.rtt, args.rtt_warmup, args.rtt_block, args.timeout
     )
 
+    log(f"relay round trips: {args.rtt} through the launcher's relay and direct, same kernel")
+    rtt_relay, rtt_direct = measure_relay_rtt(
+        args.kernel_name, gw, args.rtt, args.rtt_warmup, args.rtt_block, args.timeout
+    )
+    relay_ratio = percentile(rtt_relay, 0.5) / percentile(rtt_direct, 0.5)
+
     launch_p50, floor_p50 = percentile(ours, 0.5), percentile(floor, 0.5)
     rtt_p50, floor_rtt_p50 = percentile(rtt_ours, 0.5), percentile(rtt_floor, 0.5)
     launch_ratio = launch_p50 / floor_p50
@@ -475,6 +527,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rtt_ratio": round(rtt_ratio, 3),
         "rtt_target_ratio": RTT_TARGET_RATIO,
         "rtt_target_met": rtt_ratio <= RTT_TARGET_RATIO,
+        "relay_rtt_p50_ms": round(percentile(rtt_relay, 0.5) * 1000, 3),
+        "direct_rtt_p50_ms": round(percentile(rtt_direct, 0.5) * 1000, 3),
+        "relay_ratio": round(relay_ratio, 3),
+        "relay_target_ratio": RELAY_TARGET_RATIO,
+        "relay_target_met": relay_ratio <= RELAY_TARGET_RATIO,
         "launches": len(ours),
         "rtt_requests": len(rtt_ours),
         "launch_samples_ms": [ms(x) for x in ours],

@@ -106,3 +106,41 @@ def test_a_launcher_killed_outright_leaves_no_kernel_behind(stack: Stack, tmp_pa
     # Bounded by the gateway's grace for a reconnecting client (5 s) plus removing the container.
     assert time.monotonic() - start < 12
     assert not [c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid]
+
+
+def test_the_kernelspec_works_under_jupyter_client_6_with_nbclient(stack: Stack, tmp_path: Path):
+    import sys
+
+    import nbformat
+
+    python = Path(__file__).resolve().parent.parent / ".venv-jc6" / "bin" / "python"
+    assert python.exists(), "`make test` creates .venv-jc6 (jupyter_client<7, nbclient<0.6)"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import os\nhere = os.path.exists('/.dockerenv')"),
+        nbformat.v4.new_code_cell("print('container:', here, 6 * 7)"),
+    ]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    script = (
+        "import sys, jupyter_client, nbclient, nbformat\n"
+        "assert jupyter_client.__version__.startswith('6.'), jupyter_client.__version__\n"
+        "nb = nbformat.read(sys.argv[1], as_version=4)\n"
+        "client = nbclient.NotebookClient(nb, kernel_name='backendai-python3', startup_timeout=120)\n"
+        "client.execute()\n"
+        "nbformat.write(nb, sys.argv[1])\n"
+    )
+    env = {**os.environ, "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")}
+    subprocess.run([str(python), "-c", script, str(path)], check=True, env=env, timeout=300)
+    outputs = nbformat.read(path, as_version=4).cells[1].outputs
+    assert "".join(o.get("text", "") for o in outputs) == "container: True 42\n"
+    eventually(
+        lambda: (
+            not [
+                s
+                for s in stack.api("GET", "/v1/sessions?active=1")["sessions"]
+                if s["name"].startswith("launcher:")
+            ]
+        ),
+        timeout=20,
+    )
