@@ -417,11 +417,13 @@ def measure_relay_rtt(
         proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
         clients: list[BlockingKernelClient] = []
         try:
+            ready = BlockingKernelClient()
+            ready.load_connection_file(fname)
+            ready.start_channels()
+            ready.wait_for_ready(timeout=timeout)  # the launcher started the kernel and relays
+            ready.stop_channels()
             relayed = BlockingKernelClient()
             relayed.load_connection_file(fname)
-            relayed.start_channels()
-            relayed.wait_for_ready(timeout=timeout)
-            relayed.stop_channels()
             sessions = gw.submit(gw.request("GET", "/v1/sessions?active=1")).result()["sessions"]
             (mine,) = [s for s in sessions if s["name"] == f"launcher:{kernel_name}" and s.get("connection")]
             direct = BlockingKernelClient()
