@@ -144,3 +144,22 @@ def test_the_kernelspec_works_under_jupyter_client_6_with_nbclient(stack: Stack,
         ),
         timeout=20,
     )
+
+
+def test_a_launcher_whose_client_vanished_ends_its_kernel(stack: Stack, tmp_path: Path):
+    fname, _ = write_connection_file(
+        str(tmp_path / "kernel.json"), ip="127.0.0.1", key=os.urandom(16).hex().encode()
+    )
+    argv = [a.replace("{connection_file}", fname) for a in KernelSpecManager().get_kernel_spec(SPEC).argv]
+    # A stand-in client process that starts the launcher and then dies without a word.
+    client = subprocess.Popen(["sh", "-c", " ".join(f"'{a}'" for a in argv) + " & wait"])
+    kc = BlockingKernelClient()
+    kc.load_connection_file(fname)
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    kc.stop_channels()
+    sid = _session_of(stack)["id"]
+    client.kill()
+    client.wait(10)
+    eventually(lambda: stack.api("GET", f"/v1/sessions/{sid}")["state"] == "TERMINATED", timeout=15)
+    assert not [c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid]

@@ -114,9 +114,14 @@ def run(connection_file: str, kernel_name: str) -> int:
         ctx: zmq.Context[Any] = zmq.Context()
         relay(ctx, local, watch.event["connection"])
         say(f"kernel running on agent {watch.event.get('agent')}; relaying its channels")
-        # The kernel ending (shutdown_request, a crash) or SIGTERM: whichever comes first.
+        # The kernel ending (shutdown_request, a crash), SIGTERM, or the client that started us
+        # vanishing without a word (we get another parent): whichever comes first.
         client.submit(client.wait_for(sid, _over)).add_done_callback(lambda _: ended.set())
-        ended.wait()
+        parent = os.getppid()
+        while not ended.wait(1.0):
+            if os.getppid() != parent:
+                say("the client that started this kernel is gone; ending the kernel")
+                break
     finally:
         if not SessionState(client.cached_state(sid).get("state", "PENDING")).is_terminal:
             client.submit(client.request("DELETE", f"/v1/sessions/{sid}")).result()
