@@ -36,12 +36,10 @@ from traitlets import Unicode, default
 
 from ..common.errors import ApiError, LaunchError, LaunchTimeout
 from .models import Keypair, User
+from .sessions import validate_env
 
 # The user of the request being served (set once the token is checked).
 _caller: contextvars.ContextVar[User | None] = contextvars.ContextVar("backendai_caller", default=None)
-
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-MAX_ENV_VALUE = 4096
 
 
 class TokenIdentityProvider(IdentityProvider):
@@ -278,20 +276,12 @@ class KernelsHandler(MainKernelHandler):
 
     async def post(self) -> None:
         model = self.get_json_body() or {}
-        env = model.get("env") or {}
-        if not isinstance(env, dict):
-            raise web.HTTPError(400, "env must be an object of string values")
+        try:
+            env = validate_env(model.get("env"))  # the same checks as /v1
+        except ApiError as e:
+            raise web.HTTPError(e.status, e.title) from None
         allowed = self.settings.get("backendai_env_allowlist", set())
-        clean = {}
-        for k, v in env.items():
-            if not (isinstance(k, str) and ENV_NAME_RE.match(k)) or not isinstance(v, str):
-                raise web.HTTPError(400, f"env: {k!r} must be a valid name with a string value")
-            if len(v) > MAX_ENV_VALUE or "\0" in v or "\n" in v or "\r" in v:
-                raise web.HTTPError(
-                    400, f"env: {k} must be at most {MAX_ENV_VALUE} characters without NUL or newlines"
-                )
-            if k.startswith("KERNEL_") or k in allowed:
-                clean[k] = v
+        clean = {k: v for k, v in env.items() if k.startswith("KERNEL_") or k in allowed}
         name = model.get("name") or self.kernel_manager.default_kernel_name
         if not isinstance(name, str):
             raise web.HTTPError(400, "name must be a kernelspec name")
