@@ -23,6 +23,20 @@ from backendai_jupyter.common.clientconfig import ClientConfig
 
 BAI = str(Path(sys.executable).with_name("backendai-jupyter"))
 AGENT_LABEL = "io.backendai-jupyter.agent"
+# Several test runs can share one Docker engine when each sets its own BAI_TEST_SLOT (0-9): agent ids
+# and kernel port ranges then differ, so no run re-adopts or removes another's containers.
+SLOT = int(os.environ.get("BAI_TEST_SLOT", "0"))
+
+
+def aid(name: str) -> str:
+    """A test agent id, unique to this run's slot."""
+    return f"{name}-s{SLOT}" if SLOT else name
+
+
+def ports(span: str) -> str:
+    """A kernel port range (``LOW-HIGH`` under 32000), moved into this run's slot."""
+    low, high = (int(p) + SLOT * 1000 for p in span.split("-"))
+    return f"{low}-{high}"
 
 
 def free_port() -> int:

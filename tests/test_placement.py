@@ -11,7 +11,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-from .stack import BAI, Cluster, eventually
+from .stack import BAI, Cluster, aid, eventually, ports
 
 pytestmark = pytest.mark.docker
 IMAGE = "backendai-jupyter/python"
@@ -22,19 +22,19 @@ SMALL = {"cpu": "0.25", "mem": "128m"}
 def gpus(tmp_path_factory, docker_engine):
     """A gateway and three agents: 2 mock GPUs, 4 mock GPUs on two NUMA nodes, and CPU only."""
     tmp = tmp_path_factory.mktemp("gpus")
-    c = Cluster(tmp, "gpu-a", "31800-31849", "--Gateway.heartbeat_interval=0.5")
-    c.agent_id = "gpu-a"
-    c.add_agent("gpu-a", "31800-31849", "--Agent.mock_devices=2", "--cpu=4", "--mem=8g")
+    c = Cluster(tmp, aid("gpu-a"), ports("31800-31849"), "--Gateway.heartbeat_interval=0.5")
+    c.agent_id = aid("gpu-a")
+    c.add_agent(aid("gpu-a"), ports("31800-31849"), "--Agent.mock_devices=2", "--cpu=4", "--mem=8g")
     c.add_agent(
-        "gpu-b",
-        "31850-31899",
+        aid("gpu-b"),
+        ports("31850-31899"),
         "--cpu=4",
         "--mem=8g",
         "--Agent.accelerators=['mock']",
         "--Agent.accelerator_config="
         + json.dumps({"mock": {"devices": [{"id": str(i), "numa_node": i % 2} for i in range(4)]}}),
     )
-    c.add_agent("cpu-c", "31900-31949", "--cpu=4", "--mem=8g", "--Agent.accelerators=[]")
+    c.add_agent(aid("cpu-c"), ports("31900-31949"), "--cpu=4", "--mem=8g", "--Agent.accelerators=[]")
     try:
         yield c
     finally:
@@ -68,15 +68,15 @@ def _env_in_kernel(connection: dict, names: list[str]) -> dict:
 
 def test_agents_list_their_mock_devices_as_mock(gpus: Cluster):
     agents = {a["id"]: a for a in gpus.api("GET", "/v1/agents")["agents"]}
-    assert agents["gpu-a"]["capacity"]["cuda.device"] == "2"
-    assert agents["gpu-b"]["capacity"]["cuda.device"] == "4"
-    assert "cuda.device" not in agents["cpu-c"]["capacity"]
-    for d in agents["gpu-b"]["devices"]:
+    assert agents[aid("gpu-a")]["capacity"]["cuda.device"] == "2"
+    assert agents[aid("gpu-b")]["capacity"]["cuda.device"] == "4"
+    assert "cuda.device" not in agents[aid("cpu-c")]["capacity"]
+    for d in agents[aid("gpu-b")]["devices"]:
         assert d["mock"] is True and "(mock)" in d["label"]
         assert d["numa_node"] == int(d["id"]) % 2
     # Live per-device numbers arrive with the heartbeats.
     stats = eventually(
-        lambda: next(a for a in gpus.api("GET", "/v1/agents")["agents"] if a["id"] == "gpu-a")["devices"][0][
+        lambda: next(a for a in gpus.api("GET", "/v1/agents")["agents"] if a["id"] == aid("gpu-a"))["devices"][0][
             "stats"
         ]
     )
@@ -90,14 +90,14 @@ def test_gpu_kernels_get_free_devices_packed_and_see_exactly_those(gpus: Cluster
         second = gpus.api.wait_state(_create(gpus, **{"cuda.device": 2})["id"], {"RUNNING"})
         third = gpus.api.wait_state(_create(gpus, **{"cuda.device": 2})["id"], {"RUNNING"})
         # Concentrated: the smaller GPU agent fills first, then the other, two GPUs on one NUMA node.
-        assert first["agent"] == "gpu-a"
-        assert second["agent"] == third["agent"] == "gpu-b"
+        assert first["agent"] == aid("gpu-a")
+        assert second["agent"] == third["agent"] == aid("gpu-b")
         assert {frozenset(second["devices"]["cuda"]), frozenset(third["devices"]["cuda"])} == {
             frozenset({"0", "2"}),
             frozenset({"1", "3"}),
         }
         agents = {a["id"]: a for a in gpus.api("GET", "/v1/agents")["agents"]}
-        uuids = {d["id"]: d["uuid"] for d in agents["gpu-b"]["devices"]}
+        uuids = {d["id"]: d["uuid"] for d in agents[aid("gpu-b")]["devices"]}
         env = _env_in_kernel(second["connection"], ["NVIDIA_VISIBLE_DEVICES", "BACKENDAI_ACCELERATOR_MOCK"])
         assert env["NVIDIA_VISIBLE_DEVICES"].split(",") == [
             uuids[i] for i in sorted(second["devices"]["cuda"])
@@ -109,7 +109,7 @@ def test_gpu_kernels_get_free_devices_packed_and_see_exactly_those(gpus: Cluster
         assert model["reason"] == "waiting: 1 cuda.device requested, most free on any agent is 0"
         gpus.api("DELETE", f"/v1/sessions/{first['id']}")
         placed = gpus.api.wait_state(waiting["id"], {"RUNNING"})
-        assert placed["agent"] == "gpu-a"
+        assert placed["agent"] == aid("gpu-a")
     finally:
         _end_all(gpus)
 
@@ -118,7 +118,7 @@ def test_cpu_kernels_spread_over_agents(gpus: Cluster):
     try:
         sids = [_create(gpus)["id"] for _ in range(3)]
         agents = {gpus.api.wait_state(sid, {"RUNNING"})["agent"] for sid in sids}
-        assert agents == {"gpu-a", "gpu-b", "cpu-c"}
+        assert agents == {aid("gpu-a"), aid("gpu-b"), aid("cpu-c")}
     finally:
         _end_all(gpus)
 
