@@ -56,6 +56,16 @@ class Conflict(ApiError):
     type = "conflict"
 
 
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "payload-too-large"
+
+
+class LengthRequired(ApiError):
+    status = 411
+    type = "length-required"
+
+
 class UnknownImage(ApiError):
     type = "unknown-image"
 
@@ -78,6 +88,8 @@ _BY_TYPE: dict[str, type[ApiError]] = {
         Forbidden,
         NotFound,
         Conflict,
+        PayloadTooLarge,
+        LengthRequired,
         UnknownImage,
         InsufficientResources,
         AgentUnavailable,

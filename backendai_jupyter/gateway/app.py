@@ -14,6 +14,7 @@ from traitlets import Dict, Enum, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__
+from ..common.errors import ApiError
 from ..common.slots import ResourceSlot, SlotError
 from ..common.wire import AGENT_WS_PATH
 from . import db as dbmod
@@ -31,6 +32,7 @@ from .handlers.sessions import (
     SignalHandler,
 )
 from .jupyter_api import jupyter_handlers_and_settings
+from .requests import ResourceRules
 from .sessions import SessionService
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,26 @@ class Gateway(LoggingConfigurable):
     max_resources = Dict(
         {}, help="Most a single session may have per slot; larger requests are clamped to it."
     ).tag(config=True)
+    min_resources = Dict(
+        {"cpu": "0.1", "mem": "64m"},
+        help="Least a single session must ask for per slot; smaller requests are refused (400). "
+        "A slot without a minimum here may still not be 0: a container with no limit is not an empty one.",
+    ).tag(config=True)
+    max_request_body = Int(
+        help="Largest request body in bytes; larger ones are refused with 413 before they are read "
+        "(env BACKENDAI_MAX_REQUEST_BODY)."
+    ).tag(config=True)
+
+    @default("max_request_body")
+    def _max_request_body_default(self) -> int:
+        return int(os.environ.get("BACKENDAI_MAX_REQUEST_BODY", str(2**20)))
+
+    @validate("max_request_body")
+    def _valid_max_request_body(self, proposal: Any) -> int:
+        if proposal["value"] < 1024:
+            raise ValueError(f"max_request_body: at least 1024 bytes, got {proposal['value']}")
+        return proposal["value"]
+
     kernel_env_allowlist = List(
         Unicode(),
         [],
@@ -137,11 +159,30 @@ class Gateway(LoggingConfigurable):
         "sessions, spread CPU-only ones).",
     ).tag(config=True)
 
-    @validate("default_resources", "max_resources")
+    @validate("default_resources", "max_resources", "min_resources")
     def _valid_slots(self, proposal: Any) -> dict[str, Any]:
         return _slots_trait(proposal["value"], proposal["trait"].name)
 
     # -- running -----------------------------------------------------------------------------
+
+    def resource_rules(self) -> ResourceRules:
+        """Defaults, maxima and minima of a session's resources, checked against each other."""
+        rules = ResourceRules(
+            default=ResourceSlot.parse(self.default_resources),
+            maximum=ResourceSlot.parse(self.max_resources),
+            minimum=ResourceSlot.parse(self.min_resources),
+        )
+        for slot, least in rules.minimum.items():
+            if slot in rules.maximum and rules.maximum[slot] < least:
+                raise ValueError(
+                    f"Gateway.min_resources {slot} is above Gateway.max_resources {slot}: "
+                    "no request could pass; lower the minimum or raise the maximum"
+                )
+        try:
+            rules.apply(ResourceSlot())
+        except ApiError as e:
+            raise ValueError(f"Gateway.default_resources: {e.title}") from None
+        return rules
 
     @property
     def url(self) -> str:
@@ -181,6 +222,7 @@ class Gateway(LoggingConfigurable):
                 json.dump({"access_key": created[0], "secret_key": created[1], "token": created[2]}, f)
         self.agent_token = self._load_or_create_agent_token()
         self.hub = EventHub()
+        rules = self.resource_rules()
         self.sessions = SessionService(
             sessionmaker,
             self.hub,
@@ -220,12 +262,16 @@ class Gateway(LoggingConfigurable):
                 "sessions": self.sessions,
                 "hub": self.hub,
                 "authenticator": self.authenticator,
+                "resource_rules": rules,
+                "max_request_body": self.max_request_body,
                 "agent_token": self.agent_token,
                 "heartbeat_interval": self.heartbeat_interval,
                 "websocket_ping_interval": 20,
             },
         )
-        self.server = httpserver.HTTPServer(app, xheaders=False)
+        # The outer bound for every handler, /api and websockets included; /v1 refuses earlier,
+        # from the headers, with a JSON 413.
+        self.server = httpserver.HTTPServer(app, xheaders=False, max_body_size=self.max_request_body)
         self.server.listen(self.port, self.ip)
         log.info("gateway listening on %s", self.url)
 

@@ -36,7 +36,7 @@ from traitlets import Unicode, default
 
 from ..common.errors import ApiError, LaunchError, LaunchTimeout
 from .models import Keypair, User
-from .sessions import validate_env
+from .requests import SessionRequest, validate_env
 
 # The user of the request being served (set once the token is checked).
 _caller: contextvars.ContextVar[User | None] = contextvars.ContextVar("backendai_caller", default=None)
@@ -276,8 +276,10 @@ class KernelsHandler(MainKernelHandler):
 
     async def post(self) -> None:
         model = self.get_json_body() or {}
+        if not isinstance(model, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
         try:
-            env = validate_env(model.get("env"))  # the same checks as /v1
+            env = validate_env(model.get("env"))  # the same checks as /v1, agent-set variables too
         except ApiError as e:
             raise web.HTTPError(e.status, e.title) from None
         allowed = self.settings.get("backendai_env_allowlist", set())
@@ -293,9 +295,11 @@ class KernelsHandler(MainKernelHandler):
         # the client instead of a kernel that dies while starting.
         config = spec.metadata.get("kernel_provisioner", {}).get("config", {})
         try:
-            await self.settings["sessions"].check(
-                caller(), {"image": config.get("image", ""), "resources": config.get("resources", {})}
+            req = SessionRequest.from_json(
+                {"image": config.get("image", ""), "resources": config.get("resources", {})},
+                self.settings["resource_rules"],
             )
+            await self.settings["sessions"].check(caller(), req)
         except ApiError as e:
             raise web.HTTPError(e.status, e.title) from None
         try:

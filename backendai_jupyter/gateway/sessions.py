@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,29 +27,25 @@ from ..common.errors import (
     NotFound,
     UnknownImage,
 )
-from ..common.slots import ResourceSlot, SlotError, format_amount, total
+from ..common.slots import ResourceSlot, format_amount, total
 from ..common.states import ALLOCATED_STATES, SessionState, is_forward
 from ..common.wire import AgentRegistration, CreateKernel, KernelReport
 from .events import EventHub
 from .models import Agent, KernelSession, ResourcePolicy, SessionTransition, User
 from .registry import AgentRegistry
+from .requests import SessionRequest
 from .scheduler import (
     Allocation,
     Cluster,
     Request,
     normalize_image,
     run_pass,
-    validate_request,
     with_position,
 )
 
 log = logging.getLogger(__name__)
 
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 STREAM_GRACE = 5.0  # seconds a bound session outlives its client's last event stream
-MAX_ENV_VALUE = 4096
-MAX_ENV_ENTRIES = 128
 SIGNALS = {"SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"}
 
 
@@ -73,28 +68,6 @@ class Live:
     previous: tuple[str, dict[str, Any]] | None = None
     key: str = ""  # the kernel's HMAC key, when the client chose it (the launcher relays as is)
     bound: bool = False  # ends when its client's event stream is gone
-
-
-def validate_env(env: object) -> dict[str, str]:
-    """Environment variables for a kernel: names and values checked, nothing odd passes."""
-    if env is None:
-        return {}
-    if not isinstance(env, dict):
-        raise InvalidRequest("env must be an object of string values")
-    if len(env) > MAX_ENV_ENTRIES:
-        raise InvalidRequest(f"env has {len(env)} entries; at most {MAX_ENV_ENTRIES} are allowed")
-    out = {}
-    for k, v in env.items():
-        if not isinstance(k, str) or not ENV_NAME_RE.match(k):
-            raise InvalidRequest(f"env: {k!r} is not a valid variable name")
-        if not isinstance(v, str):
-            raise InvalidRequest(f"env: {k} must be a string")
-        if len(v) > MAX_ENV_VALUE or "\0" in v or "\n" in v or "\r" in v:
-            raise InvalidRequest(
-                f"env: {k} must be at most {MAX_ENV_VALUE} characters without NUL or newlines"
-            )
-        out[k] = v
-    return out
 
 
 def session_json(row: KernelSession, *, with_connection: bool) -> dict[str, Any]:
@@ -230,19 +203,15 @@ class SessionService:
 
     # -- the API ---------------------------------------------------------------------------
 
-    async def check(self, user: User, body: dict[str, Any]) -> None:
+    async def check(self, user: User, req: SessionRequest) -> None:
         """Everything ``create`` would refuse, refused now, without creating anything."""
-        image, _, resources, _ = self._parse(body)
-        await self._check_placeable(user, image, resources)
+        await self._check_placeable(user, req.image, req.resources)
 
-    async def create(self, user: User, access_key: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Validate a request, clamp it to policy, and queue it; placement follows at once."""
-        image, name, resources, env = self._parse(body)
-        previous = await self._previous(user, body.get("restart_of"))
-        key = body.get("key") or ""
-        if not isinstance(key, str) or (key and not KEY_RE.match(key)):
-            raise InvalidRequest("key must be 16-128 letters, digits, '-' or '_'")
-        bound = bool(body.get("bound_to_stream"))
+    async def create(self, user: User, access_key: str, req: SessionRequest) -> dict[str, Any]:
+        """Check a parsed request against policy and capacity, and queue it; placement follows at once."""
+        image, name, resources, env = req.image, req.name, req.resources, req.env
+        previous = await self._previous(user, req.restart_of)
+        key, bound = req.key, req.bound_to_stream
         # Check and insert under the user's lock: concurrent requests cannot all pass a limit.
         async with self._user_locks.setdefault(user.id, asyncio.Lock()):
             links = await self._check_placeable(user, image, resources)
@@ -283,22 +252,6 @@ class SessionService:
         self._publish(row, first.id)
         self._wakeup.set()
         return session_json(row, with_connection=False)
-
-    def _parse(self, body: dict[str, Any]) -> tuple[str, str, ResourceSlot, dict[str, str]]:
-        """Image, name, resources (defaults, server clamp) and env of a request, or a clear error."""
-        image = body.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise InvalidRequest("image is required (e.g. 'backendai-jupyter/python')")
-        name = body.get("name") or ""
-        if not isinstance(name, str) or len(name) > 128:
-            raise InvalidRequest("name must be a string of at most 128 characters")
-        try:
-            requested = ResourceSlot.parse(body.get("resources") or {})
-            resources = ResourceSlot({**self.default_resources, **requested}).clamp(self.max_resources)
-            validate_request(resources)
-        except SlotError as e:
-            raise InvalidRequest(f"resources: {e}") from None
-        return image.strip(), name, resources, validate_env(body.get("env"))
 
     async def _check_placeable(self, user: User, image: str, resources: ResourceSlot) -> list[Any]:
         """Policy, image and capacity checks; returns the connected agents."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import Any
 
@@ -10,18 +9,15 @@ from sqlalchemy import select
 
 from ...common.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from ...common.signing import new_keypair, new_token, token_hash
-from ...common.slots import ResourceSlot, SlotError
 from ..models import Keypair, ResourcePolicy, User
+from ..requests import NAME_RE, NAME_RULE, PolicySpec, UserCreate, UserPatch
 from .base import ApiHandler
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class AdminHandler(ApiHandler):
-    async def prepare(self) -> None:
-        await super().prepare()
-        if not self._finished and not self.current_user.is_admin:
-            self.send_api_error(Forbidden("only admins may do this"))
+    def authorize(self) -> None:
+        if not self.current_user.is_admin:
+            raise Forbidden("only admins may do this")
 
     @property
     def db(self) -> Any:
@@ -49,13 +45,8 @@ class UsersHandler(AdminHandler):
         self.write_json({"users": [user_json(u) for u in users]})
 
     async def post(self) -> None:
-        body = self.json_body()
-        name = body.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise InvalidRequest(
-                "name: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-            )
-        policy = body.get("policy")
+        req = UserCreate.from_json(self.json_body())
+        name, policy = req.name, req.policy
         async with self.db() as db, db.begin():
             if (await db.scalars(select(User).where(User.name == name))).first():
                 raise Conflict(f"user {name} exists")
@@ -65,7 +56,7 @@ class UsersHandler(AdminHandler):
             user = User(
                 id=str(uuid.uuid4()),
                 name=name,
-                is_admin=bool(body.get("is_admin")),
+                is_admin=req.is_admin,
                 disabled=False,
                 policy=policy,
                 token_hash=token_hash(token),
@@ -86,15 +77,15 @@ class UserHandler(AdminHandler):
         return user
 
     async def patch(self, name: str) -> None:
-        body = self.json_body()
+        req = UserPatch.from_json(self.json_body())
         async with self.db() as db, db.begin():
             user = await self._user(db, name)
-            if "disabled" in body:
-                user.disabled = bool(body["disabled"])
-            if "policy" in body:
-                if body["policy"] is not None and await db.get(ResourcePolicy, body["policy"]) is None:
-                    raise InvalidRequest(f"no resource policy {body['policy']!r}")
-                user.policy = body["policy"]
+            if req.disabled is not None:
+                user.disabled = req.disabled
+            if req.set_policy:
+                if req.policy is not None and await db.get(ResourcePolicy, req.policy) is None:
+                    raise InvalidRequest(f"no resource policy {req.policy!r}")
+                user.policy = req.policy
         self.settings["authenticator"].forget()
         self.write_json(user_json(user))
 
@@ -123,28 +114,17 @@ class PoliciesHandler(AdminHandler):
 class PolicyHandler(AdminHandler):
     async def put(self, name: str) -> None:
         if not NAME_RE.match(name):
-            raise InvalidRequest("policy name: 1-64 letters, digits, '.', '_' or '-'")
-        body = self.json_body()
-        max_sessions = body.get("max_sessions")
-        if max_sessions is not None and (not isinstance(max_sessions, int) or max_sessions < 0):
-            raise InvalidRequest("max_sessions must be a whole number >= 0 (or null for no limit)")
-        try:
-            per_session = ResourceSlot.parse(body.get("max_session_resources") or {}).to_json()
-            total = ResourceSlot.parse(body.get("total_resources") or {}).to_json()
-        except SlotError as e:
-            raise InvalidRequest(str(e)) from None
-        images = body.get("allowed_images") or []
-        if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-            raise InvalidRequest("allowed_images must be a list of image names or patterns")
+            raise InvalidRequest(f"policy name: {NAME_RULE}")
+        spec = PolicySpec.from_json(self.json_body())
         async with self.db() as db, db.begin():
             policy = await db.get(ResourcePolicy, name)
             if policy is None:
                 policy = ResourcePolicy(name=name)
                 db.add(policy)
-            policy.max_sessions = max_sessions
-            policy.max_session_resources = per_session
-            policy.total_resources = total
-            policy.allowed_images = images
+            policy.max_sessions = spec.max_sessions
+            policy.max_session_resources = spec.max_session_resources.to_json()
+            policy.total_resources = spec.total_resources.to_json()
+            policy.allowed_images = spec.allowed_images
         self.write_json(policy_json(policy))
 
     async def delete(self, name: str) -> None:

@@ -76,7 +76,9 @@ class AgentConnectHandler(websocket.WebSocketHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         token = self.settings["agent_token"]
         header = self.request.headers.get("Authorization", "")
-        if not (header.startswith("Bearer ") and hmac.compare_digest(header[7:], token)):
+        # Bytes, not str: compare_digest refuses non-ASCII strings, and a header may hold anything.
+        presented = header[7:].encode("utf-8", "surrogateescape")
+        if not (header.startswith("Bearer ") and hmac.compare_digest(presented, token.encode())):
             self.set_status(401)
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"type": "unauthorized", "title": "bad agent token", "status": 401}))
@@ -113,7 +115,7 @@ class AgentConnectHandler(websocket.WebSocketHandler):
                     link.resolve(msg)
             elif kind == "kernel":
                 await self.sessions.kernel_report(self.agent_id, KernelReport.from_json(msg["report"]))
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, AttributeError):
             log.exception("bad message from agent %s", self.agent_id)
 
     def on_close(self) -> None:

@@ -1,32 +1,49 @@
-"""What every /v1 handler shares: request authentication and JSON errors."""
+"""What every /v1 handler shares: authentication before the body, a bounded body, JSON errors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tornado import web
 
 from ...common import signing
-from ...common.errors import ApiError, InvalidRequest, Unauthorized
+from ...common.errors import ApiError, InvalidRequest, LengthRequired, NotFound, PayloadTooLarge, Unauthorized
 from ..auth import Authenticator
 from ..models import User
 from ..sessions import SessionService
 
 log = logging.getLogger(__name__)
 
+# One answer for an unknown access key and for a wrong signature, so that nobody can find out
+# which access keys exist by trying them.
+BAD_SIGNATURE = "access key unknown or signature does not match: sign with your keypair's secret key"
+# What an unknown access key is checked against: the same work as for a known one, then a refusal.
+_NO_SECRET = secrets.token_urlsafe(30)
+
 
 class AuthMixin:
-    """Authenticates the request from its signature before any handler method runs."""
+    """Authenticates a request in two steps: its headers first, then its body's signature."""
 
     request: Any
     settings: dict[str, Any]
     get_query_argument: Any
     current_user: User
     access_key: str
+    # A signed request between the two steps: its signature and (secret, user) where the key exists.
+    _signed: tuple[str, tuple[str, User] | None] | None = None
 
     async def authenticate(self) -> None:
+        """Who is calling, from the headers alone: nothing of the body has been read yet.
+
+        A token names its user here. A signed request is checked as far as its headers allow
+        (well-formed, dated within the clock window); its signature covers the body, so
+        :meth:`verify_signature` finishes once the body is in.
+        """
         auth: Authenticator = self.settings["authenticator"]
         header = self.request.headers.get("Authorization", "")
         token = (
@@ -40,21 +57,26 @@ class AuthMixin:
                 raise Unauthorized("invalid token")
             self.current_user = user
             self.access_key = ""
+            self._signed = None
             return
         if not header:
             raise Unauthorized(
                 "authentication required: sign the request with your keypair, or send your token"
             )
         try:
-            self.access_key, signature = signing.parse_authorization(header)
+            access_key, signature = signing.parse_authorization(header)
+            signing.check_date(self.request.headers.get(signing.DATE_HEADER, ""))
         except signing.SignatureError as e:
             raise Unauthorized(str(e)) from None
-        found = await auth.lookup(self.access_key)
-        if found is None:
-            raise Unauthorized("unknown access key")
-        secret, user = found
-        if user.disabled:
-            raise Unauthorized("this user is disabled")
+        self.access_key = access_key
+        self._signed = (signature, await auth.lookup(access_key))
+
+    def verify_signature(self, body: bytes) -> None:
+        """For a signed request, check the signature over the body as read; a no-op for tokens."""
+        if self._signed is None:
+            return
+        signature, found = self._signed
+        secret, user = found if found is not None else (_NO_SECRET, None)
         try:
             signing.verify(
                 secret,
@@ -62,19 +84,61 @@ class AuthMixin:
                 self.request.method,
                 self.request.uri,
                 self.request.headers.get(signing.DATE_HEADER, ""),
-                self.request.body or b"",
+                body,
             )
         except signing.SignatureError as e:
-            raise Unauthorized(str(e)) from None
+            title = str(e)
+            raise Unauthorized(BAD_SIGNATURE if title == "signature does not match" else title) from None
+        if user is None:
+            raise Unauthorized(BAD_SIGNATURE)
+        # Only the key's holder gets this far, so saying "disabled" tells nobody else anything.
+        if user.disabled:
+            raise Unauthorized("this user is disabled")
         self.current_user = user
+        self._signed = None
 
 
+HTTP_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _after_body(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(method)
+    async def run(self: ApiHandler, *args: Any, **kwargs: Any) -> None:
+        if self._finished:
+            return  # refused while the body came in
+        self.body_received()
+        await method(self, *args, **kwargs)
+
+    run.__wrapped_after_body__ = True  # type: ignore[attr-defined]
+    return run
+
+
+@web.stream_request_body
 class ApiHandler(AuthMixin, web.RequestHandler):
-    """A JSON handler under /v1."""
+    """A JSON handler under /v1.
+
+    The body is streamed so that :meth:`prepare` runs on the headers alone: a caller without
+    valid credentials, or with a body over ``Gateway.max_request_body``, is refused before a
+    byte of the body is read. Every HTTP method of a subclass runs only after the body is in,
+    its signature checked (:meth:`body_received`) and :meth:`authorize` passed.
+    """
+
+    _body: bytearray | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in HTTP_METHODS:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__wrapped_after_body__", False):
+                setattr(cls, name, _after_body(method))
 
     @property
     def sessions(self) -> SessionService:
         return self.settings["sessions"]
+
+    @property
+    def max_body(self) -> int:
+        return int(self.settings["max_request_body"])
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -82,8 +146,48 @@ class ApiHandler(AuthMixin, web.RequestHandler):
     async def prepare(self) -> None:
         try:
             await self.authenticate()
+            self._check_length()
         except ApiError as e:
             self.send_api_error(e)
+            return
+        self._body = bytearray()
+
+    def _check_length(self) -> None:
+        length = self.request.headers.get("Content-Length")
+        if length is None:
+            if "Transfer-Encoding" in self.request.headers:
+                raise LengthRequired("send the request body with a Content-Length header, not chunked")
+            return
+        if not length.strip().isdigit():
+            raise InvalidRequest("Content-Length must be a whole number of bytes")
+        if int(length) > self.max_body:
+            raise PayloadTooLarge(self._too_large(int(length)))
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"the request body is {size} bytes; the gateway takes at most {self.max_body} "
+            "(Gateway.max_request_body)"
+        )
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._body is None or self._finished:
+            return  # refused already: what still arrives is dropped
+        # Content-Length was checked and tornado reads no more than it says; this bound is a backstop.
+        if len(self._body) + len(chunk) > self.max_body:
+            self._body = None
+            self.send_api_error(PayloadTooLarge(self._too_large(self.max_body + 1)))
+            return
+        self._body += chunk
+
+    def body_received(self) -> None:
+        """The body is in: check its signature and the caller's rights before the method runs."""
+        body = bytes(self._body or b"")
+        self.request.body = body
+        self.verify_signature(body)
+        self.authorize()
+
+    def authorize(self) -> None:
+        """Refuse a caller who may not use this handler at all (raise :class:`ApiError`)."""
 
     def json_body(self) -> dict[str, Any]:
         try:
@@ -125,4 +229,4 @@ class ApiHandler(AuthMixin, web.RequestHandler):
 
 class NotFoundHandler(ApiHandler):
     async def prepare(self) -> None:
-        self.send_api_error(ApiError("no such endpoint", status=404))
+        self.send_api_error(NotFound("no such endpoint"))

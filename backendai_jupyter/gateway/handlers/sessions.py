@@ -9,6 +9,7 @@ from typing import Any
 from tornado import websocket
 
 from ...common.errors import ApiError
+from ..requests import SessionRequest, SignalRequest
 from .base import ApiHandler, AuthMixin
 
 
@@ -21,8 +22,8 @@ class SessionsHandler(ApiHandler):
         )
 
     async def post(self) -> None:
-        body = self.json_body()
-        model = await self.sessions.create(self.current_user, self.access_key, body)
+        req = SessionRequest.from_json(self.json_body(), self.settings["resource_rules"])
+        model = await self.sessions.create(self.current_user, self.access_key, req)
         self.set_header("Location", f"/v1/sessions/{model['id']}")
         self.write_json(model, status=201)
 
@@ -47,8 +48,8 @@ class InterruptHandler(ApiHandler):
 
 class SignalHandler(ApiHandler):
     async def post(self, sid: str) -> None:
-        body = self.json_body()
-        await self.sessions.signal(self.current_user, sid, str(body.get("signal", "")))
+        req = SignalRequest.from_json(self.json_body())
+        await self.sessions.signal(self.current_user, sid, req.signal)
         self.set_status(204)
         self.finish()
 
@@ -67,6 +68,7 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
     async def get(self, sid: str) -> None:  # type: ignore[override]
         try:
             await self.authenticate()
+            self.verify_signature(self.request.body or b"")
             row = await self.settings["sessions"].get_row(self.current_user, sid)
         except ApiError as e:
             self.set_status(e.status)
