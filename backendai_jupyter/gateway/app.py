@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tornado import httpserver, web
 from traitlets import Dict, Enum, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
@@ -44,6 +46,27 @@ class InfoHandler(ApiHandler):
         self.write_json(
             {"version": __version__, "user": self.current_user.name, "is_admin": self.current_user.is_admin}
         )
+
+
+class OpenApiHandler(ApiHandler):
+    """GET /v1/openapi.json: the API's description, for anyone.
+
+    Served without credentials: it says nothing the source does not, and clients and tools
+    read it before they have a keypair.
+    """
+
+    async def prepare(self) -> None:
+        self._body = bytearray()
+
+    async def get(self) -> None:
+        self.write_json(openapi_spec())
+
+
+@functools.cache
+def openapi_spec() -> dict[str, Any]:
+    """The hand-written OpenAPI document of /v1 shipped with the package."""
+    text = (Path(__file__).parent / "openapi.yaml").read_text()  # noqa: ASYNC240 (read once, small)
+    return yaml.safe_load(text)
 
 
 def _slots_trait(value: dict[str, Any], name: str) -> dict[str, Any]:
@@ -240,6 +263,7 @@ class Gateway(LoggingConfigurable):
         app = web.Application(
             [
                 (r"/v1/?", InfoHandler),
+                (r"/v1/openapi.json", OpenApiHandler),
                 (AGENT_WS_PATH, AgentConnectHandler),
                 (r"/v1/admin/users/?", UsersHandler),
                 (r"/v1/admin/users/(?P<name>[^/]+)", UserHandler),
