@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import negative_data_rejection, not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -30,7 +30,15 @@ from backendai_jupyter.common.clientconfig import ClientConfig
 
 from .stack import Api, Cluster, aid, ports
 
-CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
+# Answers: never a 5xx, a documented status and content type, the documented schema; and invalid
+# input (a wrong JSON type, a "false" for false) refused with a 4xx rather than taken.
+CHECKS = [
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+]
 MAX_EXAMPLES = 30  # per operation and generation mode: about a minute on two cores
 
 

@@ -127,23 +127,24 @@ class SessionRequest:
         image = body.get("image")
         if not isinstance(image, str) or not image.strip():
             raise InvalidRequest("image is required (e.g. 'backendai-jupyter/python')")
-        name = body.get("name") or ""
+        name = body.get("name")
+        name = "" if name is None else name
         if not isinstance(name, str) or len(name) > MAX_SESSION_NAME:
             raise InvalidRequest(f"name must be a string of at most {MAX_SESSION_NAME} characters")
         resources = rules.apply(_slots(body, "resources"))
         restart_of = body.get("restart_of")
         if restart_of is not None and not isinstance(restart_of, str):
             raise InvalidRequest("restart_of must be a session id (a string)")
-        key = body.get("key") or ""
-        if not isinstance(key, str) or (key and not KEY_RE.match(key)):
-            raise InvalidRequest("key must be 16-128 letters, digits, '-' or '_'")
+        key = body.get("key")
+        if key is not None and (not isinstance(key, str) or not KEY_RE.match(key)):
+            raise InvalidRequest("key must be 16-128 letters, digits, '-' or '_' (or left out)")
         return cls(
             image=image.strip(),
             name=name,
             resources=resources,
             env=validate_env(body.get("env")),
             restart_of=restart_of,
-            key=key,
+            key=key or "",
             bound_to_stream=_bool(body, "bound_to_stream"),
         )
 
