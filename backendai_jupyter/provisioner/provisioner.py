@@ -20,6 +20,7 @@ from traitlets import Dict, Float, List, Unicode, default
 
 from ..common.clientconfig import ClientConfig, default_path
 from ..common.errors import ApiError, Conflict, LaunchError, LaunchTimeout
+from ..common.kernelenv import is_denied
 from ..common.states import SessionState
 from .client import GatewayClient, SessionWatch
 
@@ -189,10 +190,13 @@ class BackendAIProvisioner(KernelProvisionerBase):
         kwargs = await super().pre_launch(**kwargs)
         local_env: dict[str, str] = kwargs.pop("env")
         spec_env = set(self.kernel_spec.env or {})
+        # A forwarded local variable the agent sets itself (HOME, LD_*, ...) would only get the
+        # request refused: it is left behind. One the kernelspec names is sent, and refused clearly.
         remote = {
             k: v
             for k, v in local_env.items()
-            if k in spec_env or any(fnmatch.fnmatchcase(k, pat) for pat in self.forward_env)
+            if k in spec_env
+            or (not is_denied(k) and any(fnmatch.fnmatchcase(k, pat) for pat in self.forward_env))
         }
         kwargs["remote_env"] = remote
         kwargs["cmd"] = list(self.kernel_spec.argv)
