@@ -56,6 +56,11 @@ class OpenApiHandler(ApiHandler):
     """
 
     async def prepare(self) -> None:
+        try:
+            self._check_length()
+        except ApiError as e:
+            self.send_api_error(e)
+            return
         self._body = bytearray()
 
     async def get(self) -> None:
@@ -65,8 +70,7 @@ class OpenApiHandler(ApiHandler):
 @functools.cache
 def openapi_spec() -> dict[str, Any]:
     """The hand-written OpenAPI document of /v1 shipped with the package."""
-    text = (Path(__file__).parent / "openapi.yaml").read_text()  # noqa: ASYNC240 (read once, small)
-    return yaml.safe_load(text)
+    return yaml.safe_load((Path(__file__).parent / "openapi.yaml").read_text())
 
 
 def _slots_trait(value: dict[str, Any], name: str) -> dict[str, Any]:
