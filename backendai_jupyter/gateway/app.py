@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tornado import httpserver, web
-from traitlets import Dict, Enum, Float, Int, List, Unicode, default, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__
@@ -20,7 +20,8 @@ from . import db as dbmod
 from .auth import Authenticator
 from .events import EventHub
 from .handlers.admin import PoliciesHandler, PolicyHandler, UserHandler, UsersHandler
-from .handlers.agents import AgentConnectHandler, AgentsHandler, DrainHandler
+from .agent_auth import AgentAuthenticator
+from .handlers.agents import AgentConnectHandler, AgentKeyHandler, AgentsHandler, DrainHandler
 from .handlers.base import ApiHandler, NotFoundHandler
 from .handlers.sessions import (
     InterruptHandler,
@@ -98,14 +99,20 @@ class Gateway(LoggingConfigurable):
         return os.environ.get("BACKENDAI_DB_URL", "")
 
     agent_token = Unicode(
-        help="Shared secret agents present when they connect; generated into data_dir when empty "
-        "(env BACKENDAI_AGENT_TOKEN)."
+        help="The join token: a new agent presents it once, with the key it made for itself, to be "
+        "enrolled under its id; afterwards only that agent's own key is accepted. Generated into "
+        "data_dir/agent-token when empty (env BACKENDAI_AGENT_TOKEN)."
     ).tag(config=True)
 
     @default("agent_token")
     def _agent_token_default(self) -> str:
         return os.environ.get("BACKENDAI_AGENT_TOKEN", "")
 
+    allow_agent_join = Bool(
+        True,
+        help="Whether the join token enrolls new agents. Turn it off once every agent is enrolled: "
+        "a leaked join token then adds nothing.",
+    ).tag(config=True)
     heartbeat_interval = Float(5.0, help="Seconds between agent heartbeats.").tag(config=True)
     heartbeat_timeout = Float(
         20.0, help="An agent silent this many seconds is marked lost, with its kernels."
@@ -205,6 +212,7 @@ class Gateway(LoggingConfigurable):
                 (r"/v1/admin/policies/(?P<name>[^/]+)", PolicyHandler),
                 (r"/v1/agents/?", AgentsHandler),
                 (r"/v1/agents/(?P<agent_id>[^/]+)/(?P<action>drain|undrain)", DrainHandler),
+                (r"/v1/agents/(?P<agent_id>[^/]+)/key", AgentKeyHandler),
                 (r"/v1/sessions/?", SessionsHandler),
                 (rf"/v1/sessions/{SID}/?", SessionHandler),
                 (rf"/v1/sessions/{SID}/interrupt", InterruptHandler),
@@ -220,7 +228,13 @@ class Gateway(LoggingConfigurable):
                 "sessions": self.sessions,
                 "hub": self.hub,
                 "authenticator": self.authenticator,
-                "agent_token": self.agent_token,
+                "agent_auth": AgentAuthenticator(
+                    sessionmaker,
+                    self.agent_token,
+                    self.sessions.registry,
+                    self.heartbeat_interval,
+                    self.allow_agent_join,
+                ),
                 "heartbeat_interval": self.heartbeat_interval,
                 "websocket_ping_interval": 20,
             },

@@ -528,11 +528,13 @@ class SessionService:
         reported = {k.session_id: k for k in reg.kernels}
         for sid, report in reported.items():
             live = self.live.get(sid)
-            if live is None:
-                # A kernel the gateway ended or never knew: it must not keep running.
+            if live is None or live.agent_id != reg.agent_id:
+                # A kernel the gateway ended, never knew, or placed elsewhere: it must not keep
+                # running, and an agent never takes over another agent's session by naming it.
+                if live is not None:
+                    log.warning("agent %s reported session %s of agent %s", reg.agent_id, sid, live.agent_id)
                 self._spawn(self._order_destroy(reg.agent_id, sid))
             else:
-                live.agent_id = reg.agent_id
                 await self.kernel_report(reg.agent_id, report)
         for live in list(self.live.values()):
             if (
