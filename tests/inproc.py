@@ -106,6 +106,7 @@ class FakeAgent:
         self.key = key if key is not None else secrets.token_urlsafe(32)
         self.capacity = ResourceSlot.parse({"cpu": cpu, "mem": mem})
         self.kernels = kernels or []
+        self.images: list[tuple[str, dict[str, Any]]] = [(IMAGE, KERNEL_LABEL)]
         self.calls: list[tuple[str, dict[str, Any]]] = []
         # Answers an order: return a result, or raise to reply with an error. Default: a kernel
         # that starts at once and is reported RUNNING.
@@ -128,7 +129,7 @@ class FakeAgent:
             agent_id=self.agent_id,
             address="127.0.0.1",
             capacity=self.capacity,
-            images=[ImageInfo(id="sha256:fake", tags=[IMAGE], kernel=KERNEL_LABEL)],
+            images=[ImageInfo(id=f"sha256:fake{i}", tags=[t], kernel=k) for i, (t, k) in enumerate(self.images)],
             kernels=self.kernels,
         )
         await self.ws.write_message(json.dumps({"type": "register", "agent": reg.to_json()}))

@@ -23,6 +23,7 @@ from backendai_jupyter.common.clientconfig import ClientConfig
 
 BAI = str(Path(sys.executable).with_name("backendai-jupyter"))
 AGENT_LABEL = "io.backendai-jupyter.agent"
+GATEWAY_CANARY = "BACKENDAI_GATEWAY_SECRET_CANARY"
 # Several test runs can share one Docker engine when each sets its own BAI_TEST_SLOT (0-9): agent ids
 # and kernel port ranges then differ, so no run re-adopts or removes another's containers.
 SLOT = int(os.environ.get("BAI_TEST_SLOT", "0"))
@@ -124,7 +125,8 @@ def start_up(tmp: Path, agent_id: str, port_range: str, *extra: str) -> Stack:
     port = free_port()
     cfg_path = tmp / "client.json"
     log = tmp / "up.log"
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config")}
+    # A secret-looking variable in the gateway's own environment: tests check it reaches no kernel.
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config"), GATEWAY_CANARY: "gateway-only"}
     cmd = [
         BAI,
         "up",

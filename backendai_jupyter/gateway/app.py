@@ -202,7 +202,7 @@ class Gateway(LoggingConfigurable):
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
             self.data_dir, self.url, self.sessions, set(self.kernel_env_allowlist), self.log
         )
-        app = web.Application(
+        self.app = app = web.Application(
             [
                 (r"/v1/?", InfoHandler),
                 (AGENT_WS_PATH, AgentConnectHandler),
@@ -239,7 +239,7 @@ class Gateway(LoggingConfigurable):
                 "websocket_ping_interval": 20,
             },
         )
-        self.server = httpserver.HTTPServer(app, xheaders=False)
+        self.server = httpserver.HTTPServer(self.app, xheaders=False)
         self.server.listen(self.port, self.ip)
         log.info("gateway listening on %s", self.url)
 
