@@ -35,7 +35,11 @@ from backendai_jupyter.gateway.app import Gateway
 from .stack import free_port
 
 IMAGE = "backendai-jupyter/python:latest"
-KERNEL_LABEL = {"language": "python", "display_name": "Python 3", "argv": ["python", "-f", "{connection_file}"]}
+KERNEL_LABEL = {
+    "language": "python",
+    "display_name": "Python 3",
+    "argv": ["python", "-f", "{connection_file}"],
+}
 
 
 class Caller:
@@ -129,7 +133,9 @@ class FakeAgent:
             agent_id=self.agent_id,
             address="127.0.0.1",
             capacity=self.capacity,
-            images=[ImageInfo(id=f"sha256:fake{i}", tags=[t], kernel=k) for i, (t, k) in enumerate(self.images)],
+            images=[
+                ImageInfo(id=f"sha256:fake{i}", tags=[t], kernel=k) for i, (t, k) in enumerate(self.images)
+            ],
             kernels=self.kernels,
         )
         await self.ws.write_message(json.dumps({"type": "register", "agent": reg.to_json()}))
@@ -168,9 +174,7 @@ class FakeAgent:
             order = CreateKernel.from_json(params)
             asyncio.get_running_loop().call_soon(self.report, order.session_id, SessionState.RUNNING)
         elif method == "destroy_kernel":
-            asyncio.get_running_loop().call_soon(
-                self.report, params["session_id"], SessionState.TERMINATED
-            )
+            asyncio.get_running_loop().call_soon(self.report, params["session_id"], SessionState.TERMINATED)
         return {"accepted": True}
 
     def report(self, sid: str, state: SessionState, connection: dict[str, Any] | None = None) -> None:

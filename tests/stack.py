@@ -34,7 +34,7 @@ def aid(name: str) -> str:
     return f"{name}-s{SLOT}" if SLOT else name
 
 
-def ports(span: str) -> str:
+def port_span(span: str) -> str:
     """A kernel port range (``LOW-HIGH`` under 32000), moved into this run's slot."""
     low, high = (int(p) + SLOT * 1000 for p in span.split("-"))
     return f"{low}-{high}"

@@ -104,11 +104,15 @@ def test_a_kernel_started_for_a_session_sees_nothing_of_the_gateways_environment
     assert session.status_code == 201, session.text
     sid, kid = session.json()["id"], session.json()["kernel"]["id"]
     ws = f"{stack.url}/api/kernels/{kid}/channels"
-    probe = f"import os; print(sorted(k for k in os.environ if k in ('{GATEWAY_CANARY}', 'JUPYTER_CONFIG_DIR')))"
+    probe = (
+        f"import os; print(sorted(k for k in os.environ if k in ('{GATEWAY_CANARY}', 'JUPYTER_CONFIG_DIR')))"
+    )
     try:
         assert execute_over_websocket(ws, probe, headers=h) == "[]\n"
         # A rename hands jupyter_server's environment to the kernel for its next restart.
-        r = requests.patch(stack.url + f"/api/sessions/{sid}", json={"path": "renamed.ipynb"}, headers=h, timeout=30)
+        r = requests.patch(
+            stack.url + f"/api/sessions/{sid}", json={"path": "renamed.ipynb"}, headers=h, timeout=30
+        )
         assert r.status_code == 200, r.text
         r = requests.post(stack.url + f"/api/kernels/{kid}/restart", headers=h, timeout=120)
         assert r.status_code == 200, r.text

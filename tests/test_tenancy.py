@@ -44,7 +44,9 @@ async def test_the_gateways_own_environment_never_reaches_a_kernel(
         agent = await g.agent("host-a")
         # The route JupyterLab and VS Code use: POST /api/sessions (jupyter_server passes its
         # whole os.environ to start_kernel there).
-        model = await _kernel_session(g, {"path": "a.ipynb", "type": "notebook", "kernel": {"name": SPEC}}, ann.token)
+        model = await _kernel_session(
+            g, {"path": "a.ipynb", "type": "notebook", "kernel": {"name": SPEC}}, ann.token
+        )
         (order,) = await _orders(agent, "create_kernel")
         assert "BACKENDAI_AGENT_TOKEN_CANARY" not in order["env"]
         assert "SOME_GATEWAY_SETTING" not in order["env"]
@@ -69,7 +71,9 @@ async def test_listing_sessions_shows_ones_own_and_never_fails_for_others(tmp_pa
     async with running_gateway(tmp_path) as g:
         ann, ben = await g.user("ann"), await g.user("ben")
         agent = await g.agent("host-a")
-        mine = await _kernel_session(g, {"path": "a.ipynb", "type": "notebook", "kernel": {"name": SPEC}}, ann.token)
+        mine = await _kernel_session(
+            g, {"path": "a.ipynb", "type": "notebook", "kernel": {"name": SPEC}}, ann.token
+        )
         # Stock jupyter_server answered 404 to ben's listing as soon as ann had a session.
         assert await ben("GET", "/api/sessions", auth="token") == []
         listed = await ann("GET", "/api/sessions", auth="token")
@@ -83,7 +87,9 @@ async def test_a_session_cannot_be_attached_to_another_users_kernel(tmp_path: Pa
     async with running_gateway(tmp_path) as g:
         ann, ben = await g.user("ann"), await g.user("ben")
         agent = await g.agent("host-a")
-        anns = await _kernel_session(g, {"path": "a.ipynb", "type": "notebook", "kernel": {"name": SPEC}}, ann.token)
+        anns = await _kernel_session(
+            g, {"path": "a.ipynb", "type": "notebook", "kernel": {"name": SPEC}}, ann.token
+        )
         kid = anns["kernel"]["id"]
         body = {"path": "steal.ipynb", "type": "notebook", "kernel": {"id": kid}}
         resp = await ben.fetch("POST", "/api/sessions", body, auth="token")
@@ -92,7 +98,9 @@ async def test_a_session_cannot_be_attached_to_another_users_kernel(tmp_path: Pa
         assert [s["id"] for s in await ann("GET", "/api/sessions", auth="token")] == [anns["id"]]
         assert await ben("GET", "/api/sessions", auth="token") == []
         # Nor can ben move his own session onto ann's kernel, read, or delete hers.
-        bens = await _kernel_session(g, {"path": "b.ipynb", "type": "notebook", "kernel": {"name": SPEC}}, ben.token)
+        bens = await _kernel_session(
+            g, {"path": "b.ipynb", "type": "notebook", "kernel": {"name": SPEC}}, ben.token
+        )
         resp = await ben.fetch("PATCH", f"/api/sessions/{bens['id']}", {"kernel": {"id": kid}}, auth="token")
         assert resp.code in (400, 404), resp.body
         assert (await ben.fetch("GET", f"/api/sessions/{anns['id']}", auth="token")).code == 404
@@ -110,7 +118,7 @@ async def test_kernelspec_resources_never_come_from_the_gateways_working_directo
         specs = await ann("GET", "/api/kernelspecs", auth="token")
         name = "backendai-image-backendai-jupyter-r-latest"
         assert name in specs["kernelspecs"]
-        assert Path("pyproject.toml").exists()  # the tests run from the project root: it is there
+        assert Path("pyproject.toml").exists()  # noqa: ASYNC240 (tests run from the project root)
         for leaked in ("pyproject.toml", "README.md", "../pyproject.toml"):
             resp = await ann.fetch("GET", f"/kernelspecs/{name}/{leaked}", auth="token")
             assert resp.code in (403, 404), (leaked, resp.code)

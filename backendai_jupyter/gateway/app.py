@@ -17,10 +17,10 @@ from .. import __version__
 from ..common.slots import ResourceSlot, SlotError
 from ..common.wire import AGENT_WS_PATH
 from . import db as dbmod
+from .agent_auth import AgentAuthenticator
 from .auth import Authenticator
 from .events import EventHub
 from .handlers.admin import PoliciesHandler, PolicyHandler, UserHandler, UsersHandler
-from .agent_auth import AgentAuthenticator
 from .handlers.agents import AgentConnectHandler, AgentKeyHandler, AgentsHandler, DrainHandler
 from .handlers.base import ApiHandler, NotFoundHandler
 from .handlers.sessions import (
@@ -202,7 +202,7 @@ class Gateway(LoggingConfigurable):
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
             self.data_dir, self.url, self.sessions, set(self.kernel_env_allowlist), self.log
         )
-        self.app = app = web.Application(
+        self.app = web.Application(
             [
                 (r"/v1/?", InfoHandler),
                 (AGENT_WS_PATH, AgentConnectHandler),

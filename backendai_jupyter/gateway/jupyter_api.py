@@ -109,7 +109,8 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
 
     gateway_url = Unicode("", help="The gateway's own URL, for the provisioner.").tag(config=True)
     env_allowlist = Set(
-        Unicode(), help="Variables a client may pass to kernels besides KERNEL_* (Gateway.kernel_env_allowlist)."
+        Unicode(),
+        help="Variables a client may pass to kernels besides KERNEL_* (Gateway.kernel_env_allowlist).",
     ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:

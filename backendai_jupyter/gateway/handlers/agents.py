@@ -53,7 +53,8 @@ class AgentsHandler(ApiHandler):
                 devices=[
                     {
                         **d.to_json(),
-                        "label": f"{d.model}" + ("" if "mock" in d.model.lower() or not d.mock else " (mock)"),
+                        "label": f"{d.model}"
+                        + ("" if "mock" in d.model.lower() or not d.mock else " (mock)"),
                         "held_by": holders.get(d.id, []),
                         "stats": stats.get(d.id),
                     }
@@ -106,7 +107,9 @@ class AgentConnectHandler(websocket.WebSocketHandler):
             ):
                 log.info("agent %s enrolled with its own key", claimed)
         except ApiError as e:
-            log.warning("agent connection as %r from %s refused: %s", claimed, self.request.remote_ip, e.title)
+            log.warning(
+                "agent connection as %r from %s refused: %s", claimed, self.request.remote_ip, e.title
+            )
             self.set_status(e.status)
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps(e.to_json()))
