@@ -83,6 +83,14 @@ class Caller:
         assert resp.code < 400, f"{method} {path}: {resp.code} {resp.body!r}"
         return json.loads(resp.body) if resp.body else None
 
+    async def stream(self, sid: str) -> websocket.WebSocketClientConnection:
+        """Open the session's event stream, as the provisioner and the launcher do."""
+        path = f"/v1/sessions/{sid}/events"
+        req = httpclient.HTTPRequest(
+            self.url.replace("http", "ws", 1) + path, headers=self.signed("GET", path)
+        )
+        return await websocket.websocket_connect(req)
+
     async def wait_state(self, sid: str, states: set[str], timeout: float = 10) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             while True:
@@ -219,8 +227,9 @@ class InprocGateway:
 
 @contextlib.asynccontextmanager
 async def running_gateway(tmp: Path, **traits: Any) -> AsyncIterator[InprocGateway]:
-    """A gateway on a free port with its own data directory, stopped afterwards."""
-    gw = Gateway(data_dir=str(tmp / "gw"), port=free_port(), **traits)
+    """A gateway with its own data directory (a free port unless given), stopped afterwards."""
+    traits.setdefault("port", free_port())
+    gw = Gateway(data_dir=str(tmp / "gw"), **traits)
     await gw.start()
     try:
         yield InprocGateway(gw)

@@ -123,3 +123,14 @@ async def test_kernelspec_resources_never_come_from_the_gateways_working_directo
             resp = await ann.fetch("GET", f"/kernelspecs/{name}/{leaked}", auth="token")
             assert resp.code in (403, 404), (leaked, resp.code)
         agent.close()
+
+
+async def test_event_stream_requests_that_never_become_websockets_leave_nothing_behind(tmp_path: Path):
+    async with running_gateway(tmp_path) as g:
+        ann = await g.user("ann")
+        sid = (await ann("POST", "/v1/sessions", {"image": "backendai-jupyter/python"}))["id"]
+        before = g.gw.hub.subscribers
+        for _ in range(20):
+            resp = await ann.fetch("GET", f"/v1/sessions/{sid}/events")  # signed, but no Upgrade
+            assert resp.code == 400
+        assert g.gw.hub.subscribers == before

@@ -120,6 +120,14 @@ class Gateway(LoggingConfigurable):
     pending_timeout = Float(
         300.0, help="A session not placed within this many seconds ends in ERROR (0: wait forever)."
     ).tag(config=True)
+    client_stream_grace = Float(
+        5.0,
+        help="Seconds a session bound to its client (the launcher, the Kernel Gateway API's kernels) "
+        "outlives the client's event stream; a client that reconnects within it keeps its kernel.",
+    ).tag(config=True)
+    destroy_retry_interval = Float(
+        2.0, help="Seconds between attempts to remove a kernel's container when a removal failed."
+    ).tag(config=True)
     default_resources = Dict(
         {"cpu": "1", "mem": "1g"}, help="Resources of a session that asks for none."
     ).tag(config=True)
@@ -197,6 +205,8 @@ class Gateway(LoggingConfigurable):
             heartbeat_timeout=self.heartbeat_timeout,
             policy=self.scheduler_policy,
             selector=self.agent_selector,
+            stream_grace=self.client_stream_grace,
+            destroy_retry=self.destroy_retry_interval,
         )
         await self.sessions.start()
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(

@@ -93,6 +93,9 @@ class BackendAIKernelManager(ServerKernelManager):
             self.provisioner.gateway_url = cfg["url"]
             self.provisioner.access_key = cfg["access_key"]
             self.provisioner.secret_key = cfg["secret_key"]
+            # Only this process can reach the kernel (jupyter_server's kernel manager lives here): when
+            # it is gone for good, so is the kernel, also after a gateway restart.
+            self.provisioner.bind_to_stream = True
             # The env reaching here was filtered by the mapping manager; name the same patterns
             # again so nothing else can pass even where a caller gave no env at all.
             self.provisioner.forward_env = ["KERNEL_*", *sorted(self.parent.env_allowlist)]
