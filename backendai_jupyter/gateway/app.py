@@ -20,7 +20,14 @@ from . import db as dbmod
 from .agent_auth import AgentAuthenticator
 from .auth import Authenticator
 from .events import EventHub
-from .handlers.admin import PoliciesHandler, PolicyHandler, UserHandler, UsersHandler
+from .handlers.admin import (
+    PoliciesHandler,
+    PolicyHandler,
+    UserHandler,
+    UserKeypairHandler,
+    UsersHandler,
+    UserTokenHandler,
+)
 from .handlers.agents import AgentConnectHandler, AgentKeyHandler, AgentsHandler, DrainHandler
 from .handlers.base import ApiHandler, NotFoundHandler
 from .handlers.sessions import (
@@ -120,6 +127,11 @@ class Gateway(LoggingConfigurable):
     pending_timeout = Float(
         300.0, help="A session not placed within this many seconds ends in ERROR (0: wait forever)."
     ).tag(config=True)
+    max_pending_per_user = Int(
+        20,
+        help="Most sessions one user may have waiting to be placed, whatever their policy says: the "
+        "agents' port ranges and the scheduler's queue are finite.",
+    ).tag(config=True)
     client_stream_grace = Float(
         5.0,
         help="Seconds a session bound to its client (the launcher, the Kernel Gateway API's kernels) "
@@ -206,6 +218,7 @@ class Gateway(LoggingConfigurable):
             policy=self.scheduler_policy,
             selector=self.agent_selector,
             stream_grace=self.client_stream_grace,
+            max_pending=self.max_pending_per_user,
             destroy_retry=self.destroy_retry_interval,
         )
         await self.sessions.start()
@@ -218,6 +231,8 @@ class Gateway(LoggingConfigurable):
                 (AGENT_WS_PATH, AgentConnectHandler),
                 (r"/v1/admin/users/?", UsersHandler),
                 (r"/v1/admin/users/(?P<name>[^/]+)", UserHandler),
+                (r"/v1/admin/users/(?P<name>[^/]+)/token", UserTokenHandler),
+                (r"/v1/admin/users/(?P<name>[^/]+)/keypair", UserKeypairHandler),
                 (r"/v1/admin/policies/?", PoliciesHandler),
                 (r"/v1/admin/policies/(?P<name>[^/]+)", PolicyHandler),
                 (r"/v1/agents/?", AgentsHandler),

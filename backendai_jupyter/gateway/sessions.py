@@ -159,7 +159,9 @@ class SessionService:
         selector: str = "auto",
         stream_grace: float = STREAM_GRACE,
         destroy_retry: float = DESTROY_RETRY,
+        max_pending: int = 20,
     ) -> None:
+        self.max_pending = max_pending
         self.db = db
         self.stream_grace = stream_grace
         self.destroy_retry = destroy_retry
@@ -339,12 +341,24 @@ class SessionService:
 
     async def _check_policy(self, user: User, image: str, resources: ResourceSlot) -> None:
         """Refuse at once what the user's resource policy does not allow, naming the limit."""
+        mine_waiting = (s for s in self.live.values() if s.owner_id == user.id)
+        pending = sum(1 for s in mine_waiting if s.state == SessionState.PENDING)
+        if pending >= self.max_pending:
+            raise PolicyViolation(
+                f"you have {pending} kernels waiting to start; at most {self.max_pending} may wait at once. "
+                "End one, or wait for them to start",
+                limit="max_pending",
+            )
         if not user.policy:
             return
         async with self.db() as db:
             policy = await db.get(ResourcePolicy, user.policy)
         if policy is None:
-            return
+            # Fail closed: a policy that cannot be read limits everything.
+            raise PolicyViolation(
+                f"your resource policy {user.policy} no longer exists; ask an admin to assign one",
+                limit="policy",
+            )
         if policy.allowed_images and not any(
             fnmatch.fnmatchcase(normalize_image(image), normalize_image(p)) or fnmatch.fnmatchcase(image, p)
             for p in policy.allowed_images
