@@ -98,3 +98,38 @@ async def test_bound_sessions_outlive_a_gateway_restart_only_when_their_client_c
         for ws in reconnected:
             ws.close()
         back.close()
+
+
+async def test_the_lost_agent_watch_outlives_a_failing_pass(tmp_path: Path):
+    async with running_gateway(tmp_path, heartbeat_timeout=0.6) as g:
+        ann = await g.user("ann")
+        registry = g.gw.sessions.registry
+        real, failures = registry._on_lost, [1]
+
+        async def flaky(agent_id: str, reason: str) -> None:
+            if failures:
+                failures.pop()
+                raise RuntimeError("database is locked")
+            await real(agent_id, reason)
+
+        registry._on_lost = flaky
+        a = await g.agent("host-a")
+        sid = (await ann("POST", "/v1/sessions", {"image": IMAGE, "resources": SMALL}))["id"]
+        await ann.wait_state(sid, {"RUNNING"})
+        # host-a goes silent: the first pass fails, a later one marks it and its kernel LOST.
+        model = await ann.wait_state(sid, {"LOST"}, timeout=10)
+        assert "no heartbeat" in model["reason"] and not failures
+        # And the watch goes on for agents lost afterwards.
+        b = await g.agent("host-b")
+
+        async def silent_b() -> str:
+            agents = (await g.admin("GET", "/v1/agents"))["agents"]
+            return next(x["status"] for x in agents if x["id"] == "host-b")
+
+        for _ in range(100):
+            if await silent_b() == "LOST":
+                break
+            await asyncio.sleep(0.1)
+        assert await silent_b() == "LOST"
+        a.close()
+        b.close()
