@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..common.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+from ..common.errors import Conflict, NotFound, Unauthorized
 from ..common.signing import token_hash
 from .models import AgentKey
 from .registry import AgentRegistry
@@ -51,8 +51,9 @@ class AgentAuthenticator:
     async def authenticate(self, agent_id: str, key: str, join_token: str) -> bool:
         """Return True when this connection enrolled the agent; raise when it may not connect."""
         if not AGENT_ID_RE.match(agent_id):
-            raise InvalidRequest(
-                "agent id: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            raise Unauthorized(
+                "an agent names itself in X-BackendAI-Agent: 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
             )
         if len(key) < MIN_KEY_LENGTH:
             raise Unauthorized(f"the agent must present its own key of at least {MIN_KEY_LENGTH} characters")

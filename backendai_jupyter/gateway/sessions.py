@@ -401,6 +401,9 @@ class SessionService:
         if not isinstance(sid, str):
             raise InvalidRequest("restart_of must be a session id")
         row = await self.get_row(user, sid)
+        if row.owner_id != user.id:
+            # Not even an admin: the new kernel would take over the other user's ports and key.
+            raise NotFound(f"no kernel session {sid} of yours")
         if row.id in self.live:
             raise Conflict(f"kernel session {sid} is still {row.state}; end it before restarting")
         if row.agent_id and row.connection:

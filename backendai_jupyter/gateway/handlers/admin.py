@@ -78,17 +78,18 @@ class UsersHandler(AdminHandler):
         )
 
 
-class UserHandler(AdminHandler):
-    async def _user(self, db: Any, name: str) -> User:
-        user = (await db.scalars(select(User).where(User.name == name))).first()
-        if user is None:
-            raise NotFound(f"no user {name}")
-        return user
+async def _user(db: Any, name: str) -> User:
+    user = (await db.scalars(select(User).where(User.name == name))).first()
+    if user is None:
+        raise NotFound(f"no user {name}")
+    return user
 
+
+class UserHandler(AdminHandler):
     async def patch(self, name: str) -> None:
         body = self.json_body()
         async with self.db() as db, db.begin():
-            user = await self._user(db, name)
+            user = await _user(db, name)
             if "disabled" in body:
                 user.disabled = bool(body["disabled"])
             if "policy" in body:
@@ -100,7 +101,7 @@ class UserHandler(AdminHandler):
 
     async def delete(self, name: str) -> None:
         async with self.db() as db, db.begin():
-            user = await self._user(db, name)
+            user = await _user(db, name)
             if user.id == self.current_user.id:
                 raise Conflict("you cannot delete yourself")
             if any(s.owner_id == user.id for s in self.sessions.live.values()):
@@ -116,25 +117,25 @@ class UserHandler(AdminHandler):
         self.finish()
 
 
-class UserTokenHandler(UserHandler):
+class UserTokenHandler(AdminHandler):
     """POST /v1/admin/users/{name}/token: a new API token; the old one stops working at once."""
 
     async def post(self, name: str) -> None:
         token = new_token()
         async with self.db() as db, db.begin():
-            user = await self._user(db, name)
+            user = await _user(db, name)
             user.token_hash = token_hash(token)
         self.settings["authenticator"].forget()
         self.write_json({**user_json(user), "token": token}, status=201)
 
 
-class UserKeypairHandler(UserHandler):
+class UserKeypairHandler(AdminHandler):
     """POST /v1/admin/users/{name}/keypair: a new keypair; the old ones stop working at once."""
 
     async def post(self, name: str) -> None:
         access, secret = new_keypair()
         async with self.db() as db, db.begin():
-            user = await self._user(db, name)
+            user = await _user(db, name)
             for kp in (await db.scalars(select(Keypair).where(Keypair.user_id == user.id))).all():
                 await db.delete(kp)
             db.add(Keypair(access_key=access, secret_key=secret, user_id=user.id))
