@@ -20,15 +20,19 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
-from jupyter_client.kernelspec import KernelSpecManager
 
 from ..common.errors import ApiError, LaunchError
 from ..common.states import SessionState
-from .client import GatewayClient, SessionWatch
-from .provisioner import client_config
+
+if TYPE_CHECKING:
+    from .client import SessionWatch
+
+# Only what binding the client's ports needs is imported up front: a client that started us
+# checks heartbeats within a second, and jupyter_client and tornado take longer than that to
+# import on a busy machine. The rest is imported once the ports answer.
 
 CHANNELS = ("shell", "control", "stdin", "hb", "iopub")
 
@@ -111,11 +115,16 @@ def run(connection_file: str, kernel_name: str) -> int:
         raise ValueError("the connection file has no key; a remote kernel needs signed messages")
     if local.get("signature_scheme", "hmac-sha256") != "hmac-sha256":
         raise ValueError("the remote kernel signs with hmac-sha256; use that signature scheme")
+    ctx: zmq.Context[Any] = zmq.Context()
+    fronts = bind_client_ports(ctx, local)
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from .client import GatewayClient
+    from .provisioner import client_config
+
     spec = KernelSpecManager().get_kernel_spec(kernel_name)
     config = spec.metadata.get("kernel_provisioner", {}).get("config", {})
     client = GatewayClient.instance(client_config("", "", "", ""))
-    ctx: zmq.Context[Any] = zmq.Context()
-    fronts = bind_client_ports(ctx, local)
     body = {
         "image": config.get("image", ""),
         "resources": config.get("resources", {}),
