@@ -22,7 +22,13 @@ SMALL = {"cpu": "0.25", "mem": "128m"}
 def gpus(tmp_path_factory, docker_engine):
     """A gateway and three agents: 2 mock GPUs, 4 mock GPUs on two NUMA nodes, and CPU only."""
     tmp = tmp_path_factory.mktemp("gpus")
-    c = Cluster(tmp, aid("gpu-a"), port_span("31800-31849"), "--Gateway.heartbeat_interval=0.5")
+    c = Cluster(
+        tmp,
+        aid("gpu-a"),
+        port_span("31800-31849"),
+        "--Gateway.heartbeat_interval=0.5",
+        "--Gateway.max_pending_per_user=1000",  # a hundred requests at once wait together
+    )
     c.agent_id = aid("gpu-a")
     c.add_agent(aid("gpu-a"), port_span("31800-31849"), "--Agent.mock_devices=2", "--cpu=4", "--mem=8g")
     c.add_agent(

@@ -128,7 +128,7 @@ class Gateway(LoggingConfigurable):
         300.0, help="A session not placed within this many seconds ends in ERROR (0: wait forever)."
     ).tag(config=True)
     max_pending_per_user = Int(
-        20,
+        100,
         help="Most sessions one user may have waiting to be placed, whatever their policy says: the "
         "agents' port ranges and the scheduler's queue are finite.",
     ).tag(config=True)

@@ -159,7 +159,7 @@ class SessionService:
         selector: str = "auto",
         stream_grace: float = STREAM_GRACE,
         destroy_retry: float = DESTROY_RETRY,
-        max_pending: int = 20,
+        max_pending: int = 100,
     ) -> None:
         self.max_pending = max_pending
         self.db = db
