@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     users.add_parser("list")
     for verb in ("disable", "enable", "delete"):
         users.add_parser(verb).add_argument("name")
+    users.add_parser("rotate-token", help="a new API token; the old one stops working").add_argument("name")
+    users.add_parser("rotate-keypair", help="a new keypair; the old one stops working").add_argument("name")
     setp = users.add_parser("set-policy", help="give a user a resource policy ('none' removes it)")
     setp.add_argument("name")
     setp.add_argument("policy")
@@ -59,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     agents.add_parser("list")
     agents.add_parser("drain", help="no new kernels there; running ones stay").add_argument("id")
     agents.add_parser("undrain").add_argument("id")
+    agents.add_parser(
+        "reset", help="forget an agent's key, so that a host that lost it can join again"
+    ).add_argument("id")
     return ap
 
 
@@ -74,6 +79,10 @@ def run(args: argparse.Namespace, call: Any) -> Any:
         path = f"/v1/admin/users/{quote(args.name)}"
         if args.verb == "delete":
             return call("DELETE", path)
+        if args.verb == "rotate-token":
+            return call("POST", f"{path}/token")
+        if args.verb == "rotate-keypair":
+            return call("POST", f"{path}/keypair")
         if args.verb == "set-policy":
             return call("PATCH", path, {"policy": None if args.policy == "none" else args.policy})
         return call("PATCH", path, {"disabled": args.verb == "disable"})
@@ -96,6 +105,8 @@ def run(args: argparse.Namespace, call: Any) -> Any:
         )
     if args.verb == "list":
         return call("GET", "/v1/agents")
+    if args.verb == "reset":
+        return call("DELETE", f"/v1/agents/{quote(args.id)}/key")
     return call("POST", f"/v1/agents/{quote(args.id)}/{args.verb}")
 
 
@@ -144,6 +155,16 @@ def _human(args: argparse.Namespace, result: dict[str, Any]) -> str:
                     f"    {d['plugin']} {d['id']:<4} {d['label']:<28} {d['uuid']}  held by {d['held_by']}"
                 )
         return "\n".join(lines)
+    if "token" in result and "secret_key" not in result:
+        return f"new token for {result['name']}: {result['token']}"
+    if "secret_key" in result and "token" not in result:
+        return "\n".join(
+            [
+                f"new keypair for {result['name']}",
+                f"access key: {result['access_key']}",
+                f"secret key: {result['secret_key']}",
+            ]
+        )
     if "secret_key" in result:
         return "\n".join(
             [

@@ -183,15 +183,17 @@ class StatusApp(Application):
         print(f"client config:  {path}")
         print(f"agents ({len(agents)}):")
         for a in agents:
+            # Addresses, kernel counts and devices come only to admins.
             print(
-                f"  {a['id']:<20} {a['status']:<8} {a['address']:<15} "
+                f"  {a['id']:<20} {a['status']:<8} {a.get('address', ''):<15} "
                 f"cpu {a['used'].get('cpu', '0')}/{a['capacity'].get('cpu', '0')}  "
-                f"mem {_gib(a['used'].get('mem', '0'))}/{_gib(a['capacity'].get('mem', '0'))} GiB  "
-                f"kernels {a['kernels']}" + ("" if a.get("schedulable", True) else "  DRAINED")
+                f"mem {_gib(a['used'].get('mem', '0'))}/{_gib(a['capacity'].get('mem', '0'))} GiB"
+                + (f"  kernels {a['kernels']}" if "kernels" in a else "")
+                + ("" if a.get("schedulable", True) else "  DRAINED")
             )
             for d in a.get("devices", []):
-                held = d["held_by"] if isinstance(d["held_by"], int) else len(d["held_by"])
-                print(f"    {d['plugin']} {d['id']:<3} {d['label']:<30} {'in use' if held else 'free'}")
+                use = "in use" if d["held_by"] else "free"
+                print(f"    {d['plugin']} {d['id']:<3} {d['label']:<30} {use}")
         print(f"kernel sessions ({len(status['sessions'])}):")
         for s in status["sessions"]:
             print(f"  {s['id']}  {s['state']:<10} {s['image']:<32} agent {s['agent'] or '-'}  {s['reason']}")

@@ -11,7 +11,7 @@ import docker
 import pytest
 from jupyter_client.manager import KernelManager
 
-from .stack import Stack, aid, ports, remove_containers, start_up
+from .stack import Stack, aid, port_span, remove_containers, start_up
 
 SPEC = "backendai-python3"
 
@@ -28,7 +28,7 @@ def docker_engine() -> docker.DockerClient:
 def stack(tmp_path_factory: pytest.TempPathFactory, docker_engine: docker.DockerClient) -> Iterator[Stack]:
     """One `backendai-jupyter up` for the test session; its client config is what clients use."""
     tmp = tmp_path_factory.mktemp("up")
-    s = start_up(tmp, aid("test-up"), ports("31000-31499"))
+    s = start_up(tmp, aid("test-up"), port_span("31000-31499"))
     old = os.environ.get("BACKENDAI_CLIENT_CONFIG")
     os.environ["BACKENDAI_CLIENT_CONFIG"] = str(s.client_config)
     try:

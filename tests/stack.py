@@ -23,6 +23,7 @@ from backendai_jupyter.common.clientconfig import ClientConfig
 
 BAI = str(Path(sys.executable).with_name("backendai-jupyter"))
 AGENT_LABEL = "io.backendai-jupyter.agent"
+GATEWAY_CANARY = "BACKENDAI_GATEWAY_SECRET_CANARY"
 # Several test runs can share one Docker engine when each sets its own BAI_TEST_SLOT (0-9): agent ids
 # and kernel port ranges then differ, so no run re-adopts or removes another's containers.
 SLOT = int(os.environ.get("BAI_TEST_SLOT", "0"))
@@ -33,7 +34,7 @@ def aid(name: str) -> str:
     return f"{name}-s{SLOT}" if SLOT else name
 
 
-def ports(span: str) -> str:
+def port_span(span: str) -> str:
     """A kernel port range (``LOW-HIGH`` under 32000), moved into this run's slot."""
     low, high = (int(p) + SLOT * 1000 for p in span.split("-"))
     return f"{low}-{high}"
@@ -124,7 +125,8 @@ def start_up(tmp: Path, agent_id: str, port_range: str, *extra: str) -> Stack:
     port = free_port()
     cfg_path = tmp / "client.json"
     log = tmp / "up.log"
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config")}
+    # A secret-looking variable in the gateway's own environment: tests check it reaches no kernel.
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config"), GATEWAY_CANARY: "gateway-only"}
     cmd = [
         BAI,
         "up",

@@ -18,8 +18,9 @@ import requests
 
 from backendai_jupyter.common import signing
 from backendai_jupyter.common.clientconfig import ClientConfig
+from backendai_jupyter.common.wire import AGENT_ID_HEADER, AGENT_KEY_HEADER, AGENT_WS_PATH, JOIN_TOKEN_HEADER
 
-from .stack import Api, Cluster, aid, ports
+from .stack import Api, Cluster, aid, port_span
 
 IMAGE = "backendai-jupyter/python"
 LIMIT = 64 * 1024  # the test gateway's Gateway.max_request_body
@@ -30,7 +31,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(
         tmp_path_factory.mktemp("input"),
         aid("test-input"),
-        ports("31700-31749"),
+        port_span("31700-31749"),
         f"--Gateway.max_request_body={LIMIT}",
     )
     # Token callers are the admin too.
@@ -158,17 +159,16 @@ def test_unknown_access_key_and_wrong_secret_get_the_same_answer(gw: Cluster):
     assert answers[0].json() == answers[1].json()
 
 
-def test_agent_websocket_with_a_non_ascii_token_is_401_json(gw: Cluster):
-    from backendai_jupyter.common.wire import AGENT_WS_PATH
-
+@pytest.mark.parametrize("header", [AGENT_KEY_HEADER, JOIN_TOKEN_HEADER])
+def test_agent_websocket_with_a_non_ascii_key_is_4xx_json(gw: Cluster, header: str):
     head = (
         f"GET {AGENT_WS_PATH} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        "Authorization: Bearer \u00e9t\u00e9\r\n\r\n"
+        f"{AGENT_ID_HEADER}: agent-\u00e9\r\n{header}: \u00e9t\u00e9\r\n\r\n"
     )
     status, data, _ = _raw(gw, head)
-    assert status == 401
-    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["type"] == "unauthorized"
+    assert 400 <= status < 500
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["status"] == status
 
 
 # -- wrong JSON types -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import requests
 
 from .conftest import SPEC
 from .kernel_helpers import execute_over_websocket
-from .stack import Stack, eventually, jupyter
+from .stack import GATEWAY_CANARY, Stack, eventually, jupyter
 
 pytestmark = pytest.mark.docker
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
@@ -93,6 +93,32 @@ def test_vscode_flow_sessions_and_both_websocket_protocols(stack: Stack, users: 
     finally:
         r = requests.delete(stack.url + f"/api/sessions/{session.json()['id']}", headers=h, timeout=60)
         assert r.status_code == 204
+
+
+def test_a_kernel_started_for_a_session_sees_nothing_of_the_gateways_environment(
+    stack: Stack, users: dict[str, str]
+):
+    h = _h(users["kg-ben"])
+    body = {"path": "env.ipynb", "type": "notebook", "kernel": {"name": SPEC}}
+    session = requests.post(stack.url + "/api/sessions", json=body, headers=h, timeout=120)
+    assert session.status_code == 201, session.text
+    sid, kid = session.json()["id"], session.json()["kernel"]["id"]
+    ws = f"{stack.url}/api/kernels/{kid}/channels"
+    probe = (
+        f"import os; print(sorted(k for k in os.environ if k in ('{GATEWAY_CANARY}', 'JUPYTER_CONFIG_DIR')))"
+    )
+    try:
+        assert execute_over_websocket(ws, probe, headers=h) == "[]\n"
+        # A rename hands jupyter_server's environment to the kernel for its next restart.
+        r = requests.patch(
+            stack.url + f"/api/sessions/{sid}", json={"path": "renamed.ipynb"}, headers=h, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        r = requests.post(stack.url + f"/api/kernels/{kid}/restart", headers=h, timeout=120)
+        assert r.status_code == 200, r.text
+        assert execute_over_websocket(ws, probe, headers=h) == "[]\n"
+    finally:
+        assert requests.delete(stack.url + f"/api/sessions/{sid}", headers=h, timeout=60).status_code == 204
 
 
 def test_a_second_user_cannot_see_connect_to_or_delete_the_first_users_kernel(

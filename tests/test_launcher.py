@@ -15,7 +15,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from .conftest import SPEC
 from .kernel_helpers import stdout
-from .stack import Stack, eventually
+from .stack import Cluster, Stack, aid, eventually, port_is_free, port_span
 
 pytestmark = pytest.mark.docker
 
@@ -163,3 +163,34 @@ def test_a_launcher_whose_client_vanished_ends_its_kernel(stack: Stack, tmp_path
     client.wait(10)
     eventually(lambda: stack.api("GET", f"/v1/sessions/{sid}")["state"] == "TERMINATED", timeout=15)
     assert not [c for c in stack.containers() if c.labels["io.backendai-jupyter.session"] == sid]
+
+
+def test_the_launcher_holds_the_clients_ports_while_the_kernel_waits(tmp_path: Path, docker_engine):
+    # A gateway with no agent: the kernel waits in the queue for as long as the test likes.
+    cluster = Cluster(tmp_path, aid("test-bind"), port_span("31960-31969"))
+    try:
+        fname, info = write_connection_file(
+            str(tmp_path / "kernel.json"), ip="127.0.0.1", key=os.urandom(16).hex().encode()
+        )
+        argv = [a.replace("{connection_file}", fname) for a in KernelSpecManager().get_kernel_spec(SPEC).argv]
+        env = {**os.environ, "BACKENDAI_CLIENT_CONFIG": str(cluster.client_config())}
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert "requested" in proc.stderr.readline()
+            waiting = cluster.api("GET", "/v1/sessions?active=1")["sessions"]
+            assert [s["state"] for s in waiting] == ["PENDING"]
+            ports = [v for k, v in info.items() if k.endswith("_port")]
+            assert not [p for p in ports if port_is_free(p)], "a waiting kernel's ports must stay taken"
+            # The client sees a live kernel process (heartbeats answered) while it waits.
+            kc = BlockingKernelClient()
+            kc.load_connection_file(fname)
+            kc.start_channels()
+            time.sleep(3)
+            assert kc.is_alive()
+            kc.stop_channels()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        assert cluster.api("GET", f"/v1/sessions/{waiting[0]['id']}")["state"] == "CANCELLED"
+    finally:
+        cluster.close()

@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 from backendai_jupyter.common import signing
 from backendai_jupyter.common.clientconfig import ClientConfig
 
-from .stack import Api, Cluster, aid, ports
+from .stack import Api, Cluster, aid, port_span
 
 # Answers: never a 5xx, a documented status and content type, the documented schema; and invalid
 # input (a wrong JSON type, a "false" for false) refused with a 4xx rather than taken.
@@ -64,7 +64,7 @@ class SignedRequests(requests.auth.AuthBase):
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("openapi"), aid("test-openapi"), ports("31750-31799"))
+    c = Cluster(tmp_path_factory.mktemp("openapi"), aid("test-openapi"), port_span("31750-31799"))
     try:
         yield c
     finally:
@@ -95,6 +95,9 @@ def test_the_served_spec_is_the_packaged_file(gateway: Cluster):
         "/v1/agents/connect",
         "/v1/admin/users",
         "/v1/admin/users/{name}",
+        "/v1/admin/users/{name}/token",
+        "/v1/admin/users/{name}/keypair",
+        "/v1/agents/{agent_id}/key",
         "/v1/admin/policies",
         "/v1/admin/policies/{name}",
     }

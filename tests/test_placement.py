@@ -11,7 +11,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-from .stack import BAI, Cluster, aid, eventually, ports
+from .stack import BAI, Cluster, aid, eventually, port_span
 
 pytestmark = pytest.mark.docker
 IMAGE = "backendai-jupyter/python"
@@ -22,19 +22,25 @@ SMALL = {"cpu": "0.25", "mem": "128m"}
 def gpus(tmp_path_factory, docker_engine):
     """A gateway and three agents: 2 mock GPUs, 4 mock GPUs on two NUMA nodes, and CPU only."""
     tmp = tmp_path_factory.mktemp("gpus")
-    c = Cluster(tmp, aid("gpu-a"), ports("31800-31849"), "--Gateway.heartbeat_interval=0.5")
+    c = Cluster(
+        tmp,
+        aid("gpu-a"),
+        port_span("31800-31849"),
+        "--Gateway.heartbeat_interval=0.5",
+        "--Gateway.max_pending_per_user=1000",  # a hundred requests at once wait together
+    )
     c.agent_id = aid("gpu-a")
-    c.add_agent(aid("gpu-a"), ports("31800-31849"), "--Agent.mock_devices=2", "--cpu=4", "--mem=8g")
+    c.add_agent(aid("gpu-a"), port_span("31800-31849"), "--Agent.mock_devices=2", "--cpu=4", "--mem=8g")
     c.add_agent(
         aid("gpu-b"),
-        ports("31850-31899"),
+        port_span("31850-31899"),
         "--cpu=4",
         "--mem=8g",
         "--Agent.accelerators=['mock']",
         "--Agent.accelerator_config="
         + json.dumps({"mock": {"devices": [{"id": str(i), "numa_node": i % 2} for i in range(4)]}}),
     )
-    c.add_agent(aid("cpu-c"), ports("31900-31949"), "--cpu=4", "--mem=8g", "--Agent.accelerators=[]")
+    c.add_agent(aid("cpu-c"), port_span("31900-31949"), "--cpu=4", "--mem=8g", "--Agent.accelerators=[]")
     try:
         yield c
     finally:

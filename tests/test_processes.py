@@ -15,7 +15,7 @@ from .stack import (
     aid,
     eventually,
     port_is_free,
-    ports,
+    port_span,
     remove_containers,
     start_up,
 )
@@ -33,17 +33,17 @@ def _kernel_client(connection: dict) -> BlockingKernelClient:
 
 
 def test_ctrl_c_on_up_shuts_down_its_kernels_and_exits_cleanly(tmp_path: Path, docker_engine):
-    s = start_up(tmp_path, aid("test-ctrl-c"), ports("31500-31599"))
+    s = start_up(tmp_path, aid("test-ctrl-c"), port_span("31500-31599"))
     try:
         sids = [s.api("POST", "/v1/sessions", {"image": IMAGE})["id"] for _ in range(2)]
         models = [s.api.wait_state(sid, {"RUNNING"}) for sid in sids]
         assert len(s.containers()) == 2
-        used = [v for m in models for k, v in m["connection"].items() if k.endswith("_port")]
+        ports = [v for m in models for k, v in m["connection"].items() if k.endswith("_port")]
         start = time.monotonic()
         assert s.stop(signal.SIGINT) == 0
         assert time.monotonic() - start < 15
         assert s.containers() == []
-        assert all(port_is_free(p) for p in used)
+        assert all(port_is_free(p) for p in ports)
     finally:
         s.stop(signal.SIGKILL)
         remove_containers(aid("test-ctrl-c"))
@@ -54,7 +54,7 @@ def cluster(tmp_path: Path, docker_engine):
     c = Cluster(
         tmp_path,
         aid("test-cluster"),
-        ports("31600-31699"),
+        port_span("31600-31699"),
         "--Gateway.heartbeat_interval=0.5",
         "--Gateway.heartbeat_timeout=3",
     )
@@ -110,7 +110,7 @@ def test_an_agent_that_stops_heartbeating_is_lost_with_its_kernels(cluster: Clus
 def test_requests_are_clamped_to_the_maximum_in_the_gateways_config_file(tmp_path: Path, docker_engine):
     config = tmp_path / "backendai_config.py"
     config.write_text('c.Gateway.max_resources = {"cpu": "1", "mem": "256m"}\n')
-    cluster = Cluster(tmp_path, aid("test-clamp"), ports("31700-31799"), f"--config={config}")
+    cluster = Cluster(tmp_path, aid("test-clamp"), port_span("31700-31799"), f"--config={config}")
     try:
         cluster.start_agent()
         model = cluster.api("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cpu": "2", "mem": "4g"}})
@@ -143,9 +143,9 @@ def test_a_restarted_gateway_loses_no_kernel(cluster: Cluster):
 
 
 def test_a_request_that_waits_too_long_ends_with_the_reason(tmp_path: Path, docker_engine):
-    cluster = Cluster(tmp_path, aid("test-timeout"), ports("31950-31999"), "--Gateway.pending_timeout=2")
+    cluster = Cluster(tmp_path, aid("test-timeout"), port_span("31950-31999"), "--Gateway.pending_timeout=2")
     try:
-        cluster.add_agent(aid("test-timeout"), ports("31950-31999"), "--cpu=1", "--Agent.accelerators=[]")
+        cluster.add_agent(aid("test-timeout"), port_span("31950-31999"), "--cpu=1", "--Agent.accelerators=[]")
         first = cluster.api("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cpu": "1"}})["id"]
         cluster.api.wait_state(first, {"RUNNING"})
         second = cluster.api("POST", "/v1/sessions", {"image": IMAGE, "resources": {"cpu": "1"}})["id"]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import socket
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,16 @@ from traitlets.config import LoggingConfigurable
 
 from ..common.errors import ApiError
 from ..common.slots import ResourceSlot
-from ..common.wire import AGENT_WS_PATH, AgentRegistration, CreateKernel, Device, KernelReport
+from ..common.wire import (
+    AGENT_ID_HEADER,
+    AGENT_KEY_HEADER,
+    AGENT_WS_PATH,
+    JOIN_TOKEN_HEADER,
+    AgentRegistration,
+    CreateKernel,
+    Device,
+    KernelReport,
+)
 from .accelerators.base import AcceleratorPlugin, load_plugins
 from .backends.base import BackendError
 from .backends.docker import DockerBackend
@@ -25,6 +35,14 @@ from .kernels import KernelRunner
 from .ports import PortPool
 
 log = logging.getLogger(__name__)
+
+
+def _error_title(e: httpclient.HTTPClientError) -> str:
+    """The gateway's sentence from an error response, or the HTTP error itself."""
+    try:
+        return str(json.loads(e.response.body)["title"]) if e.response is not None else str(e)
+    except (ValueError, KeyError, TypeError):
+        return str(e)
 
 
 def _host_memory() -> int:
@@ -40,7 +58,11 @@ class Agent(LoggingConfigurable):
     def _gateway_url_default(self) -> str:
         return os.environ.get("BACKENDAI_GATEWAY_URL", "http://127.0.0.1:8470")
 
-    agent_token = Unicode(help="Secret shared with the gateway (env BACKENDAI_AGENT_TOKEN).").tag(config=True)
+    agent_token = Unicode(
+        help="The gateway's join token, needed only the first time this agent connects: the gateway "
+        "then enrolls this agent's id with the key the agent keeps in state_dir/agent-key "
+        "(env BACKENDAI_AGENT_TOKEN)."
+    ).tag(config=True)
 
     @default("agent_token")
     def _agent_token_default(self) -> str:
@@ -148,6 +170,7 @@ class Agent(LoggingConfigurable):
         low, high = (int(p) for p in self.port_range.split("-"))
         bind_host = self.bind_host or self.advertised_host
         Path(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 (startup)
+        self._key = self._load_or_create_key()
         self.plugins = self._load_plugins()
         self.devices: list[Device] = []
         for plugin in self.plugins:
@@ -170,6 +193,17 @@ class Agent(LoggingConfigurable):
         self._ws: websocket.WebSocketClientConnection | None = None
         self._registered = asyncio.Event()
         self._link_task = asyncio.ensure_future(self._keep_linked())
+
+    def _load_or_create_key(self) -> str:
+        """This agent's own key: made once, kept in the state directory, readable by no one else."""
+        path = Path(self.state_dir) / "agent-key"
+        if path.exists():
+            return path.read_text().strip()
+        key = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        return key
 
     async def wait_registered(self, timeout: float = 30.0) -> None:
         await asyncio.wait_for(self._registered.wait(), timeout)
@@ -196,11 +230,14 @@ class Agent(LoggingConfigurable):
     async def _keep_linked(self) -> None:
         delay = 0.2
         url = self.gateway_url.replace("http", "ws", 1).rstrip("/") + AGENT_WS_PATH
+        headers = {AGENT_ID_HEADER: self.agent_id, AGENT_KEY_HEADER: self._key}
+        if self.agent_token:
+            headers[JOIN_TOKEN_HEADER] = self.agent_token
+        # Whatever goes wrong on one connection, the agent keeps trying: a loop that ends leaves
+        # its kernels running with nobody to order them about.
         while True:
             try:
-                req = httpclient.HTTPRequest(
-                    url, headers={"Authorization": f"Bearer {self.agent_token}"}, connect_timeout=10
-                )
+                req = httpclient.HTTPRequest(url, headers=headers, connect_timeout=10)
                 self._ws = await websocket.websocket_connect(req, ping_interval=20)
                 self._ws.stream.set_nodelay(True)
                 delay = 0.2
@@ -208,13 +245,18 @@ class Agent(LoggingConfigurable):
             except asyncio.CancelledError:
                 raise
             except httpclient.HTTPClientError as e:
-                if e.code == 401:
-                    log.error("the gateway refused this agent's token; check BACKENDAI_AGENT_TOKEN")
+                reason = _error_title(e)
+                if e.code in (401, 409):
+                    log.error("the gateway refused this agent: %s", reason)
                 else:
-                    log.warning("gateway at %s: %s", self.gateway_url, e)
+                    log.warning("gateway at %s: %s", self.gateway_url, reason)
             except OSError as e:
                 log.warning("cannot reach the gateway at %s (%s); retrying", self.gateway_url, e)
+            except Exception:
+                log.exception("the link to the gateway failed; reconnecting")
             self._registered.clear()
+            if self._ws is not None:
+                self._ws.close()
             self._ws = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -277,9 +319,15 @@ class Agent(LoggingConfigurable):
             reply["error"] = {"type": "agent-error", "title": str(e), "status": 502}
         except ApiError as e:
             reply["error"] = e.to_json()
-        except Exception as e:  # report, don't die: the gateway waits for this reply
+        except Exception:  # report, don't die: the gateway waits for this reply
+            # The details (paths, engine internals) go to the operator's log, not to users.
             log.exception("%s failed", method)
-            reply["error"] = {"type": "agent-error", "title": f"{method} failed: {e}", "status": 500}
+            reply["error"] = {
+                "type": "agent-error",
+                "title": f"agent {self.agent_id} could not {str(method).replace('_', ' ')}: an internal "
+                "error (the agent's log has the details)",
+                "status": 500,
+            }
         try:
             await ws.write_message(json.dumps(reply))
         except websocket.WebSocketClosedError:

@@ -1,6 +1,10 @@
 """Messages between gateway and agents, typed once and used on both sides.
 
-The agent opens a websocket to the gateway and speaks JSON objects with a ``type``:
+The agent opens a websocket to the gateway, naming itself (``X-BackendAI-Agent``) and proving
+it with its own agent key (``X-BackendAI-Agent-Key``). An agent id the gateway has not seen
+yet is enrolled with the key it presents when the request also carries the cluster's join token
+(``X-BackendAI-Join-Token``); from then on only that key opens a connection under that id.
+On the connection it speaks JSON objects with a ``type``:
 ``register`` and ``heartbeat`` (agent → gateway), ``call`` (gateway → agent, answered by
 ``reply`` with the same ``id``) and ``kernel`` (agent → gateway, a kernel's state changed).
 """
@@ -15,6 +19,9 @@ from .states import SessionState
 
 PROTOCOL_VERSION = 1
 AGENT_WS_PATH = "/v1/agents/connect"
+AGENT_ID_HEADER = "X-BackendAI-Agent"
+AGENT_KEY_HEADER = "X-BackendAI-Agent-Key"
+JOIN_TOKEN_HEADER = "X-BackendAI-Join-Token"
 KERNEL_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 

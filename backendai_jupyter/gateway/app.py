@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 from tornado import httpserver, web
-from traitlets import Dict, Enum, Float, Int, List, Unicode, default, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__
@@ -20,10 +20,18 @@ from ..common.errors import ApiError
 from ..common.slots import ResourceSlot, SlotError
 from ..common.wire import AGENT_WS_PATH
 from . import db as dbmod
+from .agent_auth import AgentAuthenticator
 from .auth import Authenticator
 from .events import EventHub
-from .handlers.admin import PoliciesHandler, PolicyHandler, UserHandler, UsersHandler
-from .handlers.agents import AgentConnectHandler, AgentsHandler, DrainHandler
+from .handlers.admin import (
+    PoliciesHandler,
+    PolicyHandler,
+    UserHandler,
+    UserKeypairHandler,
+    UsersHandler,
+    UserTokenHandler,
+)
+from .handlers.agents import AgentConnectHandler, AgentKeyHandler, AgentsHandler, DrainHandler
 from .handlers.base import ApiHandler, NotFoundHandler
 from .handlers.sessions import (
     InterruptHandler,
@@ -127,20 +135,39 @@ class Gateway(LoggingConfigurable):
         return os.environ.get("BACKENDAI_DB_URL", "")
 
     agent_token = Unicode(
-        help="Shared secret agents present when they connect; generated into data_dir when empty "
-        "(env BACKENDAI_AGENT_TOKEN)."
+        help="The join token: a new agent presents it once, with the key it made for itself, to be "
+        "enrolled under its id; afterwards only that agent's own key is accepted. Generated into "
+        "data_dir/agent-token when empty (env BACKENDAI_AGENT_TOKEN)."
     ).tag(config=True)
 
     @default("agent_token")
     def _agent_token_default(self) -> str:
         return os.environ.get("BACKENDAI_AGENT_TOKEN", "")
 
+    allow_agent_join = Bool(
+        True,
+        help="Whether the join token enrolls new agents. Turn it off once every agent is enrolled: "
+        "a leaked join token then adds nothing.",
+    ).tag(config=True)
     heartbeat_interval = Float(5.0, help="Seconds between agent heartbeats.").tag(config=True)
     heartbeat_timeout = Float(
         20.0, help="An agent silent this many seconds is marked lost, with its kernels."
     ).tag(config=True)
     pending_timeout = Float(
         300.0, help="A session not placed within this many seconds ends in ERROR (0: wait forever)."
+    ).tag(config=True)
+    max_pending_per_user = Int(
+        100,
+        help="Most sessions one user may have waiting to be placed, whatever their policy says: the "
+        "agents' port ranges and the scheduler's queue are finite.",
+    ).tag(config=True)
+    client_stream_grace = Float(
+        5.0,
+        help="Seconds a session bound to its client (the launcher, the Kernel Gateway API's kernels) "
+        "outlives the client's event stream; a client that reconnects within it keeps its kernel.",
+    ).tag(config=True)
+    destroy_retry_interval = Float(
+        2.0, help="Seconds between attempts to remove a kernel's container when a removal failed."
     ).tag(config=True)
     default_resources = Dict(
         {"cpu": "1", "mem": "1g"}, help="Resources of a session that asks for none."
@@ -259,22 +286,28 @@ class Gateway(LoggingConfigurable):
             heartbeat_timeout=self.heartbeat_timeout,
             policy=self.scheduler_policy,
             selector=self.agent_selector,
+            stream_grace=self.client_stream_grace,
+            max_pending=self.max_pending_per_user,
+            destroy_retry=self.destroy_retry_interval,
         )
         await self.sessions.start()
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
             self.data_dir, self.url, self.sessions, set(self.kernel_env_allowlist), self.log
         )
-        app = web.Application(
+        self.app = web.Application(
             [
                 (r"/v1/?", InfoHandler),
                 (r"/v1/openapi.json", OpenApiHandler),
                 (AGENT_WS_PATH, AgentConnectHandler),
                 (r"/v1/admin/users/?", UsersHandler),
                 (r"/v1/admin/users/(?P<name>[^/]+)", UserHandler),
+                (r"/v1/admin/users/(?P<name>[^/]+)/token", UserTokenHandler),
+                (r"/v1/admin/users/(?P<name>[^/]+)/keypair", UserKeypairHandler),
                 (r"/v1/admin/policies/?", PoliciesHandler),
                 (r"/v1/admin/policies/(?P<name>[^/]+)", PolicyHandler),
                 (r"/v1/agents/?", AgentsHandler),
                 (r"/v1/agents/(?P<agent_id>[^/]+)/(?P<action>drain|undrain)", DrainHandler),
+                (r"/v1/agents/(?P<agent_id>[^/]+)/key", AgentKeyHandler),
                 (r"/v1/sessions/?", SessionsHandler),
                 (rf"/v1/sessions/{SID}/?", SessionHandler),
                 (rf"/v1/sessions/{SID}/interrupt", InterruptHandler),
@@ -290,16 +323,22 @@ class Gateway(LoggingConfigurable):
                 "sessions": self.sessions,
                 "hub": self.hub,
                 "authenticator": self.authenticator,
+                "agent_auth": AgentAuthenticator(
+                    sessionmaker,
+                    self.agent_token,
+                    self.sessions.registry,
+                    self.heartbeat_interval,
+                    self.allow_agent_join,
+                ),
                 "resource_rules": rules,
                 "max_request_body": self.max_request_body,
-                "agent_token": self.agent_token,
                 "heartbeat_interval": self.heartbeat_interval,
                 "websocket_ping_interval": 20,
             },
         )
         # The outer bound for every handler, /api and websockets included; /v1 refuses earlier,
         # from the headers, with a JSON 413.
-        self.server = httpserver.HTTPServer(app, xheaders=False, max_body_size=self.max_request_body)
+        self.server = httpserver.HTTPServer(self.app, xheaders=False, max_body_size=self.max_request_body)
         self.server.listen(self.port, self.ip)
         log.info("gateway listening on %s", self.url)
 

@@ -21,6 +21,11 @@ class EventHub:
         self._subs.append((accept, queue))
         return queue
 
+    @property
+    def subscribers(self) -> int:
+        """How many queues are subscribed (each open event stream holds one)."""
+        return len(self._subs)
+
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._subs = [(a, q) for a, q in self._subs if q is not queue]
 

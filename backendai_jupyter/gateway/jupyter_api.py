@@ -29,10 +29,11 @@ from jupyter_server.auth.identity import User as JupyterUser
 from jupyter_server.services.kernels.handlers import KernelActionHandler, MainKernelHandler
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager, ServerKernelManager
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
+from jupyter_server.services.sessions.handlers import SessionHandler, SessionRootHandler
 from jupyter_server.services.sessions.sessionmanager import SessionManager
 from sqlalchemy import select
 from tornado import web
-from traitlets import Unicode, default
+from traitlets import Set, Unicode, default
 
 from ..common.errors import ApiError, LaunchError, LaunchTimeout
 from .models import Keypair, User
@@ -92,7 +93,12 @@ class BackendAIKernelManager(ServerKernelManager):
             self.provisioner.gateway_url = cfg["url"]
             self.provisioner.access_key = cfg["access_key"]
             self.provisioner.secret_key = cfg["secret_key"]
-            self.provisioner.forward_env = ["*"]  # the handler already kept only what may pass
+            # Only this process can reach the kernel (jupyter_server's kernel manager lives here): when
+            # it is gone for good, so is the kernel, also after a gateway restart.
+            self.provisioner.bind_to_stream = True
+            # The env reaching here was filtered by the mapping manager; name the same patterns
+            # again so nothing else can pass even where a caller gave no env at all.
+            self.provisioner.forward_env = ["KERNEL_*", *sorted(self.parent.env_allowlist)]
             # One launch timeout: the client's. jupyter_server's GatewayClient always sends it and
             # waits that long plus a pad, so the client gets our clear error, not its own timeout.
             timeout = (kw.get("env") or {}).get("KERNEL_LAUNCH_TIMEOUT", "")
@@ -105,6 +111,10 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
     """jupyter_server's kernel manager, with an owner for every kernel."""
 
     gateway_url = Unicode("", help="The gateway's own URL, for the provisioner.").tag(config=True)
+    env_allowlist = Set(
+        Unicode(),
+        help="Variables a client may pass to kernels besides KERNEL_* (Gateway.kernel_env_allowlist).",
+    ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -119,10 +129,28 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
             raise web.HTTPError(403, f"user {user.name} has no keypair")
         return json.dumps({"url": self.gateway_url, "access_key": kp.access_key, "secret_key": kp.secret_key})
 
+    def client_env(self, env: dict[str, str] | None) -> dict[str, str]:
+        """What of ``env`` may reach a kernel: ``KERNEL_*`` and the operator's allowlist.
+
+        jupyter_server hands the gateway's own environment to kernels it starts for sessions
+        (``SessionManager.get_kernel_env``); here that would carry the gateway's secrets into
+        every user's kernel. Only what a client may send passes, on every route.
+        """
+        return {k: v for k, v in (env or {}).items() if k.startswith("KERNEL_") or k in self.env_allowlist}
+
+    def update_env(self, *, kernel_id: str, env: dict[str, str]) -> None:
+        super().update_env(kernel_id=kernel_id, env=self.client_env(env))
+
+    def visible(self, kernel_id: str) -> bool:
+        """Whether the caller may see this kernel (its owner, or an admin)."""
+        user = _caller.get()
+        return user is not None and (user.is_admin or self.owners.get(kernel_id) == user.id)
+
     async def start_kernel(
         self, *, kernel_id: str | None = None, path: str | None = None, **kwargs: Any
     ) -> str:
         user = caller()
+        kwargs["env"] = self.client_env(kwargs.get("env"))
         if kernel_id is not None and kernel_id in self:  # a session reusing a kernel: the owner's only
             self._check_kernel_id(kernel_id)
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
@@ -138,16 +166,14 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
 
     def _check_kernel_id(self, kernel_id: str) -> None:
         super()._check_kernel_id(kernel_id)
-        user = _caller.get()
-        if user is not None and not user.is_admin and self.owners.get(kernel_id) != user.id:
+        if _caller.get() is not None and not self.visible(kernel_id):
             raise web.HTTPError(404, f"Kernel does not exist: {kernel_id}")
 
     def list_kernels(self) -> list[dict[str, Any]]:
-        user = _caller.get()
         kernels = super().list_kernels()
-        if user is None or user.is_admin:
+        if _caller.get() is None:
             return kernels
-        return [k for k in kernels if self.owners.get(k["id"]) == user.id]
+        return [k for k in kernels if self.visible(k["id"])]
 
     async def shutdown_kernel(self, kernel_id: str, now: bool = False, restart: bool = False) -> None:
         """End a kernel; answers once it is gone, also when it was still queued or starting."""
@@ -207,6 +233,10 @@ class GatewayKernelSpecManager(KernelSpecManager):
     """
 
     sessions: Any = None  # the gateway's SessionService, set once it exists
+    # Where image kernelspecs without logos point: an empty directory of their own. An empty
+    # resource_dir would make jupyter_server serve /kernelspecs/<name>/<file> from the
+    # gateway's working directory.
+    empty_resource_dir: str = ""
 
     def _image_specs(self) -> dict[str, KernelSpec]:
         if self.sessions is None:
@@ -218,6 +248,7 @@ class GatewayKernelSpecManager(KernelSpecManager):
                 kernel = image.kernel or {}
                 language = str(kernel.get("language", ""))
                 logo_dir = presets.get("backendai-python3", "") if language == "python" else ""
+                logo_dir = logo_dir or self.empty_resource_dir
                 for tag in image.tags:
                     name = "backendai-image-" + re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-")
                     out.setdefault(
@@ -256,19 +287,63 @@ class GatewayKernelSpecManager(KernelSpecManager):
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         images = self._image_specs()
         if kernel_name in images:
-            return images[kernel_name]
-        if not kernel_name.startswith("backendai-"):
+            spec = images[kernel_name]
+        elif kernel_name.startswith("backendai-"):
+            spec = super().get_kernel_spec(kernel_name)
+        else:
             raise NoSuchKernel(kernel_name)
-        return super().get_kernel_spec(kernel_name)
+        if not spec.resource_dir or not Path(spec.resource_dir).is_dir():
+            raise NoSuchKernel(kernel_name)  # never serve files from wherever "" would point
+        return spec
+
+
+SESSION_COLUMNS = frozenset({"session_id", "path", "name", "type", "kernel_id"})
 
 
 class OwnedSessionManager(SessionManager):
-    """Sessions are listed only where their kernel belongs to the caller."""
+    """A session belongs to whoever owns its kernel: others neither list, read, change nor make one."""
+
+    def get_kernel_env(self, path: str | None, name: Any = None) -> dict[str, str]:
+        # Stock: the server's whole environment. Here the server is the gateway: nothing of it.
+        return {}
+
+    def _mine(self, row: Any) -> bool:
+        km = self.kernel_manager
+        return row["kernel_id"] not in km or km.visible(row["kernel_id"])
+
+    def _rows(self, **where: Any) -> list[Any]:
+        if any(column not in SESSION_COLUMNS for column in where):
+            raise TypeError(f"no such column among {sorted(where)}")
+        query = "SELECT * FROM session" + (
+            " WHERE " + " AND ".join(f"{column}=?" for column in where) if where else ""
+        )
+        return [row for row in self.cursor.execute(query, list(where.values())).fetchall() if self._mine(row)]
+
+    async def session_exists(self, path: str) -> bool:
+        # Paths are per user: another user's "Untitled.ipynb" is not this one's.
+        for row in self._rows(path=path):
+            if await self.row_to_model(row, tolerate_culled=True) is not None:
+                return True
+        return False
+
+    async def get_session(self, **kwargs: Any) -> dict[str, Any]:
+        if not kwargs:
+            raise TypeError("must specify a column to query")
+        for row in self._rows(**kwargs):
+            try:
+                return await self.row_to_model(row)
+            except KeyError:  # its kernel is gone; row_to_model removed the row
+                continue
+        raise web.HTTPError(404, "Session not found")
 
     async def list_sessions(self) -> list[dict[str, Any]]:
-        km = self.kernel_manager
-        mine = {k["id"] for k in km.list_kernels()}
-        return [s for s in await super().list_sessions() if s["kernel"]["id"] in mine]
+        out = []
+        for row in self._rows():
+            try:
+                out.append(await self.row_to_model(row))
+            except KeyError:
+                pass
+        return out
 
 
 class KernelsHandler(MainKernelHandler):
@@ -282,8 +357,7 @@ class KernelsHandler(MainKernelHandler):
             env = validate_env(model.get("env"))  # the same checks as /v1, agent-set variables too
         except ApiError as e:
             raise web.HTTPError(e.status, e.title) from None
-        allowed = self.settings.get("backendai_env_allowlist", set())
-        clean = {k: v for k, v in env.items() if k.startswith("KERNEL_") or k in allowed}
+        clean = self.kernel_manager.client_env(env)
         name = model.get("name") or self.kernel_manager.default_kernel_name
         if not isinstance(name, str):
             raise web.HTTPError(400, "name must be a kernelspec name")
@@ -314,6 +388,34 @@ class KernelsHandler(MainKernelHandler):
         self.set_header("Location", f"/api/kernels/{kernel_id}")
         self.set_status(201)
         self.finish(json.dumps(model, default=str))
+
+
+def _refuse_others_kernel(handler: Any) -> None:
+    """404 when a session body names a kernel the caller does not own (it exists, but not for them)."""
+    model = handler.get_json_body()
+    kernel = model.get("kernel") if isinstance(model, dict) else None
+    kernel_id = kernel.get("id") if isinstance(kernel, dict) else None
+    km = handler.kernel_manager
+    if isinstance(kernel_id, str) and kernel_id in km and not km.visible(kernel_id):
+        raise web.HTTPError(404, f"Kernel does not exist: {kernel_id}")
+
+
+class OwnedSessionRootHandler(SessionRootHandler):
+    """POST /api/sessions: naming someone else's kernel is 404, not a new session attached to it."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        _refuse_others_kernel(self)
+        await super().post()
+
+
+class OwnedSessionHandler(SessionHandler):
+    """PATCH /api/sessions/{id}: a session cannot be moved onto someone else's kernel."""
+
+    @web.authenticated
+    async def patch(self, session_id: str) -> None:
+        _refuse_others_kernel(self)
+        await super().patch(session_id)
 
 
 class OwnedKernelActionHandler(KernelActionHandler):
@@ -357,6 +459,7 @@ def jupyter_handlers_and_settings(
     config.ServerApp.allow_remote_access = True
     config.ServerApp.terminals_enabled = False
     config.BackendAIMappingKernelManager.gateway_url = gateway_url
+    config.BackendAIMappingKernelManager.env_allowlist = env_allowlist
     config.BackendAIMappingKernelManager.default_kernel_name = "backendai-python3"
     config.ServerApp.kernel_spec_manager_class = GatewayKernelSpecManager
     # POST /api/kernels answers as soon as the kernel is requested ("starting"); its model says
@@ -366,8 +469,10 @@ def jupyter_handlers_and_settings(
     app.initialize(argv=[], find_extensions=False, new_httpserver=False)
     app.kernel_manager.db = sessions.db
     app.kernel_spec_manager.sessions = sessions
+    empty = Path(data_dir) / "kernelspec-no-resources"
+    empty.mkdir(exist_ok=True, mode=0o700)
+    app.kernel_spec_manager.empty_resource_dir = str(empty)
     settings = dict(app.web_app.settings)
-    settings["backendai_env_allowlist"] = env_allowlist
     handlers = []
     for pattern, handler, *rest in [
         *api_handlers,
@@ -382,5 +487,9 @@ def jupyter_handlers_and_settings(
             handler = OwnedKernelActionHandler
         elif handler is KernelWebsocketHandler:
             handler = FastKernelWebsocketHandler
+        elif handler is SessionRootHandler:
+            handler = OwnedSessionRootHandler
+        elif handler is SessionHandler:
+            handler = OwnedSessionHandler
         handlers.append((pattern, handler, *rest))
     return handlers, settings

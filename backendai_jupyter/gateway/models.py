@@ -70,6 +70,16 @@ class Agent(Base):
     last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class AgentKey(Base):
+    """An enrolled agent's own credential: only this key opens a connection under its id."""
+
+    __tablename__ = "agent_keys"
+
+    agent_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the key the agent presented
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class KernelSession(Base):
     __tablename__ = "kernel_sessions"
 
@@ -86,6 +96,11 @@ class KernelSession(Base):
     devices: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # plugin → {device id: amount}
     connection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Ends when its client's event stream is gone (the launcher, the gateway's own Kernel Gateway
+    # kernels); kept here so a restarted gateway still ends it when nobody comes back for it.
+    bound: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The HMAC key the client chose (the launcher relays messages signed with its own key).
+    kernel_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

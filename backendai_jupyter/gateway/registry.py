@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from typing import Any, Protocol
 
 from ..common.errors import AgentUnavailable, ApiError
 from ..common.wire import AgentRegistration
+
+log = logging.getLogger(__name__)
 
 
 class Sender(Protocol):
@@ -135,7 +138,14 @@ class AgentRegistry:
             now = time.monotonic()
             for link in list(self.links.values()):
                 silent = now - link.last_heartbeat
-                if not link.lost and silent > self.heartbeat_timeout:
-                    link.lost = True
-                    link.disconnect()
+                if link.lost or silent <= self.heartbeat_timeout:
+                    continue
+                link.disconnect()
+                try:
                     await self._on_lost(link.id, f"agent {link.id} lost: no heartbeat for {silent:.0f} s")
+                except Exception:
+                    # A failed pass (the database away for a moment) must not end the watch: the
+                    # agent is not marked lost, so the next pass tries again.
+                    log.exception("marking agent %s lost failed; trying again", link.id)
+                    continue
+                link.lost = True

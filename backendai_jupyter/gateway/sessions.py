@@ -46,6 +46,7 @@ from .scheduler import (
 log = logging.getLogger(__name__)
 
 STREAM_GRACE = 5.0  # seconds a bound session outlives its client's last event stream
+DESTROY_RETRY = 2.0  # seconds between attempts to remove a container whose removal failed
 SIGNALS = {"SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"}
 
 
@@ -129,8 +130,14 @@ class SessionService:
         heartbeat_timeout: float,
         policy: str = "fifo",
         selector: str = "auto",
+        stream_grace: float = STREAM_GRACE,
+        destroy_retry: float = DESTROY_RETRY,
+        max_pending: int = 100,
     ) -> None:
+        self.max_pending = max_pending
         self.db = db
+        self.stream_grace = stream_grace
+        self.destroy_retry = destroy_retry
         self.policy = policy
         self.selector = selector
         self.cluster = Cluster()
@@ -149,6 +156,7 @@ class SessionService:
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scheduler: asyncio.Task[None] | None = None
+        self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -170,6 +178,8 @@ class SessionService:
                     seq=self._next_seq(),
                     agent_id=row.agent_id,
                     reason=row.reason,
+                    key=row.kernel_key or "",
+                    bound=bool(row.bound),
                 )
                 self.live[row.id] = live
                 if row.agent_id and state.holds_resources:
@@ -177,11 +187,17 @@ class SessionService:
             drained = await db.scalars(select(Agent.id).where(Agent.schedulable.is_(False)))
             self.drained = set(drained)
         self._started = time.monotonic()
+        for live in self.live.values():
+            if live.bound:
+                # Its client's stream ended with the previous gateway process: the client has a
+                # while to come back (it reconnects by itself), or the session is ended.
+                self._spawn(self._end_if_abandoned(live.id, 2 * self.stream_grace))
         self.registry.start()
         self._scheduler = asyncio.ensure_future(self._schedule_loop())
         self._wakeup.set()
 
     async def stop(self) -> None:
+        self._stopped = True
         await self.registry.stop()
         for task in [self._scheduler, *self._tasks]:
             if task:
@@ -197,6 +213,9 @@ class SessionService:
         return Allocation(live.agent_id or "", live.resources, parsed, live.owner_id)
 
     def _spawn(self, coro: Any) -> None:
+        if self._stopped:  # a stream closing as the gateway stops must not end its session
+            coro.close()
+            return
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -229,6 +248,8 @@ class SessionService:
                     env=env,
                     state=SessionState.PENDING.value,
                     reason=reason,
+                    bound=bound,
+                    kernel_key=key or None,
                     created_at=now,
                     updated_at=now,
                 )
@@ -251,6 +272,8 @@ class SessionService:
             )
         self._publish(row, first.id)
         self._wakeup.set()
+        if bound:  # a client that never opens its stream does not keep the session either
+            self._spawn(self._end_if_abandoned(sid, self.stream_grace))
         return session_json(row, with_connection=False)
 
     async def _check_placeable(self, user: User, image: str, resources: ResourceSlot) -> list[Any]:
@@ -271,12 +294,24 @@ class SessionService:
 
     async def _check_policy(self, user: User, image: str, resources: ResourceSlot) -> None:
         """Refuse at once what the user's resource policy does not allow, naming the limit."""
+        mine_waiting = (s for s in self.live.values() if s.owner_id == user.id)
+        pending = sum(1 for s in mine_waiting if s.state == SessionState.PENDING)
+        if pending >= self.max_pending:
+            raise PolicyViolation(
+                f"you have {pending} kernels waiting to start; at most {self.max_pending} may wait at once. "
+                "End one, or wait for them to start",
+                limit="max_pending",
+            )
         if not user.policy:
             return
         async with self.db() as db:
             policy = await db.get(ResourcePolicy, user.policy)
         if policy is None:
-            return
+            # Fail closed: a policy that cannot be read limits everything.
+            raise PolicyViolation(
+                f"your resource policy {user.policy} no longer exists; ask an admin to assign one",
+                limit="policy",
+            )
         if policy.allowed_images and not any(
             fnmatch.fnmatchcase(normalize_image(image), normalize_image(p)) or fnmatch.fnmatchcase(image, p)
             for p in policy.allowed_images
@@ -319,6 +354,9 @@ class SessionService:
         if not isinstance(sid, str):
             raise InvalidRequest("restart_of must be a session id")
         row = await self.get_row(user, sid)
+        if row.owner_id != user.id:
+            # Not even an admin: the new kernel would take over the other user's ports and key.
+            raise NotFound(f"no kernel session {sid} of yours")
         if row.id in self.live:
             raise Conflict(f"kernel session {sid} is still {row.state}; end it before restarting")
         if row.agent_id and row.connection:
@@ -382,28 +420,63 @@ class SessionService:
         return [{"state": r.state, "reason": r.reason, "at": _iso(r.at)} for r in rows]
 
     async def destroy(self, user: User, sid: str) -> dict[str, Any]:
-        """End a session: cancel it if pending, else have its agent remove the container."""
-        row = await self.get_row(user, sid)
+        """End a session the user may see: cancel it if pending, else remove its container."""
+        await self.get_row(user, sid)
+        return session_json(await self.end(sid, "cancelled by the user"), with_connection=False)
+
+    async def end(self, sid: str, reason: str) -> KernelSession:
+        """Cancel a pending session, or have its agent remove the container.
+
+        The session is TERMINATED only once the agent confirms the container is gone. A removal
+        that fails is retried while the agent is connected; an agent that is away settles it when
+        it registers again (or is declared lost).
+        """
         # Decide under the session's lock: a placement or an agent's report may be landing now.
         async with self._lock_of(sid):
             live = self.live.get(sid)
             if live is None:
-                return session_json(row, with_connection=False)
+                return await self._row(sid)
             if live.state == SessionState.PENDING:
-                row = await self._transition_locked(sid, SessionState.CANCELLED, "cancelled by the user")
-                return session_json(row, with_connection=False)
-            await self._transition_locked(sid, SessionState.TERMINATING, "shutdown requested")
+                return await self._transition_locked(sid, SessionState.CANCELLED, reason)
+            if live.state != SessionState.TERMINATING:
+                await self._transition_locked(sid, SessionState.TERMINATING, "shutdown requested")
+        await self._remove_container(live)
+        return await self._row(sid)
+
+    async def _row(self, sid: str) -> KernelSession:
+        async with self.db() as db:
+            row = await db.get(KernelSession, sid, populate_existing=True)
+        assert row is not None
+        return row
+
+    async def _remove_container(self, live: Live) -> None:
+        """Order the removal; on failure keep retrying in the background while the agent is there."""
+        if await self._try_destroy(live):
+            return
+        self._spawn(self._retry_destroy(live))
+
+    async def _try_destroy(self, live: Live) -> bool:
         link = self.registry.get(live.agent_id or "")
-        if link is not None and link.connected:
-            try:
-                await link.call("destroy_kernel", {"session_id": sid})
-            except ApiError as e:
-                log.warning("destroy of %s on %s failed: %s", sid, live.agent_id, e.title)
-        if sid in self.live:
-            # The agent confirms by reporting TERMINATED; without an agent, nobody else will.
-            await self._transition(sid, SessionState.TERMINATED, "shut down")
-        row = await self.get_row(user, sid)
-        return session_json(row, with_connection=False)
+        if link is None or not link.connected:
+            return False
+        try:
+            await link.call("destroy_kernel", {"session_id": live.id})
+        except ApiError as e:
+            log.warning("removing the container of %s on %s failed: %s", live.id, live.agent_id, e.title)
+            return False
+        if live.id in self.live:
+            # The agent reports TERMINATED itself; this covers an order that overtook the create.
+            await self._transition(live.id, SessionState.TERMINATED, "shut down")
+        return True
+
+    async def _retry_destroy(self, live: Live) -> None:
+        while self.live.get(live.id) is live and live.state == SessionState.TERMINATING:
+            await asyncio.sleep(self.destroy_retry)
+            link = self.registry.get(live.agent_id or "")
+            if link is None or not link.connected:
+                return  # agent_registered or agent_lost settles it
+            if await self._try_destroy(live):
+                return
 
     async def signal(self, user: User, sid: str, signame: str) -> None:
         """Deliver a signal to the kernel's process (SIGINT interrupts it)."""
@@ -481,11 +554,15 @@ class SessionService:
         reported = {k.session_id: k for k in reg.kernels}
         for sid, report in reported.items():
             live = self.live.get(sid)
-            if live is None:
-                # A kernel the gateway ended or never knew: it must not keep running.
+            if live is None or live.agent_id != reg.agent_id:
+                # A kernel the gateway ended, never knew, or placed elsewhere: it must not keep
+                # running, and an agent never takes over another agent's session by naming it.
+                if live is not None:
+                    log.warning("agent %s reported session %s of agent %s", reg.agent_id, sid, live.agent_id)
                 self._spawn(self._order_destroy(reg.agent_id, sid))
+            elif live.state == SessionState.TERMINATING:
+                self._spawn(self._remove_container(live))  # asked to end while the agent was away
             else:
-                live.agent_id = reg.agent_id
                 await self.kernel_report(reg.agent_id, report)
         for live in list(self.live.values()):
             if (
@@ -494,6 +571,9 @@ class SessionService:
                 and live.state in ALLOCATED_STATES
                 and live.state != SessionState.SCHEDULED  # its create order may still be on the way
             ):
+                if live.state == SessionState.TERMINATING:
+                    await self._transition(live.id, SessionState.TERMINATED, "shut down")
+                    continue
                 await self._transition(
                     live.id, SessionState.ERROR, "the kernel's container vanished while its agent was away"
                 )
@@ -650,18 +730,18 @@ class SessionService:
     def stream_opened(self, sid: str) -> None:
         self._streams[sid] = self._streams.get(sid, 0) + 1
 
-    def stream_closed(self, sid: str, user: User) -> None:
+    def stream_closed(self, sid: str) -> None:
         """A bound session whose client's last stream is gone (and stays gone) is ended."""
         self._streams[sid] = self._streams.get(sid, 1) - 1
         live = self.live.get(sid)
         if live is not None and live.bound and self._streams[sid] <= 0:
-            self._spawn(self._end_if_abandoned(sid, user))
+            self._spawn(self._end_if_abandoned(sid, self.stream_grace))
 
-    async def _end_if_abandoned(self, sid: str, user: User) -> None:
-        await asyncio.sleep(STREAM_GRACE)  # a reconnecting client keeps it
+    async def _end_if_abandoned(self, sid: str, grace: float) -> None:
+        await asyncio.sleep(grace)  # a reconnecting client keeps it
         if self._streams.get(sid, 0) <= 0 and sid in self.live:
             log.info("ending kernel session %s: its client went away", sid)
-            await self.destroy(user, sid)
+            await self.end(sid, "its client went away")
 
     def _lock_of(self, sid: str) -> asyncio.Lock:
         return self._locks.setdefault(sid, asyncio.Lock())

@@ -20,15 +20,19 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
-from jupyter_client.kernelspec import KernelSpecManager
 
 from ..common.errors import ApiError, LaunchError
 from ..common.states import SessionState
-from .client import GatewayClient, SessionWatch
-from .provisioner import client_config
+
+if TYPE_CHECKING:
+    from .client import SessionWatch
+
+# Only what binding the client's ports needs is imported up front: a client that started us
+# checks heartbeats within a second, and jupyter_client and tornado take longer than that to
+# import on a busy machine. The rest is imported once the ports answer.
 
 CHANNELS = ("shell", "control", "stdin", "hb", "iopub")
 
@@ -38,22 +42,45 @@ def say(msg: str) -> None:
     print(f"[backendai] {msg}", file=sys.stderr, flush=True)
 
 
-def relay(ctx: zmq.Context[Any], local: dict[str, Any], remote: dict[str, Any]) -> list[threading.Thread]:
-    """Bind the client's ports and forward each channel to the remote kernel, untouched."""
+RELAYED = ("shell", "control", "stdin", "iopub")
+
+
+def bind_client_ports(ctx: zmq.Context[Any], local: dict[str, Any]) -> dict[str, zmq.Socket[Any]]:
+    """Bind every port of the client's connection file now, before the remote kernel exists.
+
+    A kernel may wait minutes in the queue; ports bound only then could be taken meanwhile by
+    another local user, who would then receive the client's messages. Heartbeats are answered
+    here from the start: for the client this process is the kernel, and it is alive while it
+    waits (the remote kernel's end ends this process, which the client sees).
+    """
+    fronts: dict[str, zmq.Socket[Any]] = {}
+    for channel in CHANNELS:
+        front = ctx.socket(zmq.XPUB if channel == "iopub" else zmq.ROUTER)
+        front.linger = 0
+        front.bind(f"tcp://{local['ip']}:{local[f'{channel}_port']}")
+        fronts[channel] = front
+    threading.Thread(target=_proxy, args=(fronts["hb"], fronts["hb"]), name="heartbeat", daemon=True).start()
+    return fronts
+
+
+def relay(
+    ctx: zmq.Context[Any], fronts: dict[str, zmq.Socket[Any]], remote: dict[str, Any]
+) -> list[threading.Thread]:
+    """Forward each channel from the client's bound ports to the remote kernel, untouched."""
     identity = os.urandom(8).hex().encode()
     threads = []
-    for channel in CHANNELS:
+    for channel in RELAYED:
         if channel == "iopub":
-            front, back = ctx.socket(zmq.XPUB), ctx.socket(zmq.XSUB)
+            back = ctx.socket(zmq.XSUB)
         else:
-            front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+            back = ctx.socket(zmq.DEALER)
             # The kernel answers stdin to the shell identity it saw: both must be one peer here.
             back.setsockopt(zmq.IDENTITY, identity + (b"-c" if channel == "control" else b""))
-        for sock in (front, back):
-            sock.linger = 0
-        front.bind(f"tcp://{local['ip']}:{local[f'{channel}_port']}")
+        back.linger = 0
         back.connect(f"tcp://{remote['ip']}:{remote[f'{channel}_port']}")
-        t = threading.Thread(target=_proxy, args=(front, back), name=f"relay-{channel}", daemon=True)
+        t = threading.Thread(
+            target=_proxy, args=(fronts[channel], back), name=f"relay-{channel}", daemon=True
+        )
         t.start()
         threads.append(t)
     return threads
@@ -88,6 +115,13 @@ def run(connection_file: str, kernel_name: str) -> int:
         raise ValueError("the connection file has no key; a remote kernel needs signed messages")
     if local.get("signature_scheme", "hmac-sha256") != "hmac-sha256":
         raise ValueError("the remote kernel signs with hmac-sha256; use that signature scheme")
+    ctx: zmq.Context[Any] = zmq.Context()
+    fronts = bind_client_ports(ctx, local)
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from .client import GatewayClient
+    from .provisioner import client_config
+
     spec = KernelSpecManager().get_kernel_spec(kernel_name)
     config = spec.metadata.get("kernel_provisioner", {}).get("config", {})
     client = GatewayClient.instance(client_config("", "", "", ""))
@@ -107,21 +141,32 @@ def run(connection_file: str, kernel_name: str) -> int:
     signal.signal(
         signal.SIGINT, lambda *_: client.submit(client.request("POST", f"/v1/sessions/{sid}/interrupt"))
     )
+    parent = os.getppid()
+
+    def stop_waiting() -> bool:
+        """SIGTERM, or the client that started us vanished without a word (we get another parent)."""
+        if os.getppid() != parent:
+            say("the client that started this kernel is gone; ending the kernel")
+            return True
+        return ended.is_set()
+
     try:
-        watch = client.submit(client.wait_for(sid, _progress)).result()
-        if watch.state != SessionState.RUNNING:
-            raise LaunchError(watch.event.get("reason") or str(watch.state))
-        ctx: zmq.Context[Any] = zmq.Context()
-        relay(ctx, local, watch.event["connection"])
-        say(f"kernel running on agent {watch.event.get('agent')}; relaying its channels")
-        # The kernel ending (shutdown_request, a crash), SIGTERM, or the client that started us
-        # vanishing without a word (we get another parent): whichever comes first.
-        client.submit(client.wait_for(sid, _over)).add_done_callback(lambda _: ended.set())
-        parent = os.getppid()
-        while not ended.wait(1.0):
-            if os.getppid() != parent:
-                say("the client that started this kernel is gone; ending the kernel")
+        # A kernel may wait long in the queue: SIGTERM or a vanished client cancel it meanwhile.
+        started = client.submit(client.wait_for(sid, _progress))
+        while not started.done():
+            if stop_waiting():
                 break
+            ended.wait(0.2)
+        if started.done():
+            watch = started.result()
+            if watch.state != SessionState.RUNNING:
+                raise LaunchError(watch.event.get("reason") or str(watch.state))
+            relay(ctx, fronts, watch.event["connection"])
+            say(f"kernel running on agent {watch.event.get('agent')}; relaying its channels")
+            # Then: the kernel ending (shutdown_request, a crash), SIGTERM or the client vanishing.
+            client.submit(client.wait_for(sid, _over)).add_done_callback(lambda _: ended.set())
+            while not stop_waiting():
+                ended.wait(1.0)
     finally:
         if not SessionState(client.cached_state(sid).get("state", "PENDING")).is_terminal:
             client.submit(client.request("DELETE", f"/v1/sessions/{sid}")).result()

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Dict, Float, List, Unicode, default
+from traitlets import Bool, Dict, Float, List, Unicode, default
 
 from ..common.clientconfig import ClientConfig, default_path
 from ..common.errors import ApiError, Conflict, LaunchError, LaunchTimeout
@@ -89,6 +89,12 @@ class BackendAIProvisioner(KernelProvisionerBase):
         ["KERNEL_*"],
         help="Names (glob patterns) of local environment variables passed to the remote kernel, "
         "besides the kernelspec's own env.",
+    ).tag(config=True)
+
+    bind_to_stream = Bool(
+        False,
+        help="End the kernel when this process's event stream to the gateway is gone for good (the "
+        "gateway's own Kernel Gateway kernels, which nobody can reach once that process is gone).",
     ).tag(config=True)
 
     session_id: str | None = None
@@ -210,6 +216,8 @@ class BackendAIProvisioner(KernelProvisionerBase):
             "env": kwargs.get("remote_env", {}),
             "name": f"jupyter:{self.kernel_id}",
         }
+        if self.bind_to_stream:
+            body["bound_to_stream"] = True
         if self._restart_of:
             body["restart_of"] = self._restart_of
             self._restart_of = None

@@ -69,17 +69,18 @@ class UsersHandler(AdminHandler):
         )
 
 
-class UserHandler(AdminHandler):
-    async def _user(self, db: Any, name: str) -> User:
-        user = (await db.scalars(select(User).where(User.name == name))).first()
-        if user is None:
-            raise NotFound(f"no user {name}")
-        return user
+async def _user(db: Any, name: str) -> User:
+    user = (await db.scalars(select(User).where(User.name == name))).first()
+    if user is None:
+        raise NotFound(f"no user {name}")
+    return user
 
+
+class UserHandler(AdminHandler):
     async def patch(self, name: str) -> None:
         req = UserPatch.from_json(self.json_body())
         async with self.db() as db, db.begin():
-            user = await self._user(db, name)
+            user = await _user(db, name)
             if req.disabled is not None:
                 user.disabled = req.disabled
             if req.set_policy:
@@ -91,17 +92,46 @@ class UserHandler(AdminHandler):
 
     async def delete(self, name: str) -> None:
         async with self.db() as db, db.begin():
-            user = await self._user(db, name)
+            user = await _user(db, name)
             if user.id == self.current_user.id:
                 raise Conflict("you cannot delete yourself")
             if any(s.owner_id == user.id for s in self.sessions.live.values()):
                 raise Conflict(f"user {name} still has kernel sessions; end them first")
-            user.disabled = True  # sessions keep their owner; the user can no longer sign in
+            # Sessions keep their owner; the credentials are gone for good: enabling the user again
+            # gives back no token and no keypair (rotate-token and rotate-keypair issue new ones).
+            user.disabled = True
+            user.token_hash = None
             for kp in (await db.scalars(select(Keypair).where(Keypair.user_id == user.id))).all():
                 await db.delete(kp)
         self.settings["authenticator"].forget()
         self.set_status(204)
         self.finish()
+
+
+class UserTokenHandler(AdminHandler):
+    """POST /v1/admin/users/{name}/token: a new API token; the old one stops working at once."""
+
+    async def post(self, name: str) -> None:
+        token = new_token()
+        async with self.db() as db, db.begin():
+            user = await _user(db, name)
+            user.token_hash = token_hash(token)
+        self.settings["authenticator"].forget()
+        self.write_json({**user_json(user), "token": token}, status=201)
+
+
+class UserKeypairHandler(AdminHandler):
+    """POST /v1/admin/users/{name}/keypair: a new keypair; the old ones stop working at once."""
+
+    async def post(self, name: str) -> None:
+        access, secret = new_keypair()
+        async with self.db() as db, db.begin():
+            user = await _user(db, name)
+            for kp in (await db.scalars(select(Keypair).where(Keypair.user_id == user.id))).all():
+                await db.delete(kp)
+            db.add(Keypair(access_key=access, secret_key=secret, user_id=user.id))
+        self.settings["authenticator"].forget()
+        self.write_json({**user_json(user), "access_key": access, "secret_key": secret}, status=201)
 
 
 class PoliciesHandler(AdminHandler):
@@ -132,6 +162,13 @@ class PolicyHandler(AdminHandler):
             policy = await db.get(ResourcePolicy, name)
             if policy is None:
                 raise NotFound(f"no resource policy {name}")
+            users = (await db.scalars(select(User.name).where(User.policy == name))).all()
+            if users:
+                # Deleting it would leave these users with no limits at all.
+                raise Conflict(
+                    f"policy {name} is assigned to {', '.join(sorted(users))}; give them another policy "
+                    "first (backendai-jupyter admin users set-policy NAME POLICY)"
+                )
             await db.delete(policy)
         self.set_status(204)
         self.finish()

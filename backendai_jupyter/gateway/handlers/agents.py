@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from typing import Any
 
 from tornado import websocket
 
-from ...common.errors import Forbidden
-from ...common.wire import AgentRegistration, KernelReport
+from ...common.errors import ApiError, Forbidden
+from ...common.wire import (
+    AGENT_ID_HEADER,
+    AGENT_KEY_HEADER,
+    JOIN_TOKEN_HEADER,
+    AgentRegistration,
+    KernelReport,
+)
 from ..sessions import SessionService
 from .base import ApiHandler
 
@@ -18,40 +23,60 @@ log = logging.getLogger(__name__)
 
 
 class AgentsHandler(ApiHandler):
-    """List agents with capacity, use, devices (who holds each) and live device numbers."""
+    """List agents: capacity and use for everyone; addresses, devices and holders for admins."""
 
     async def get(self) -> None:
         sessions = self.sessions
+        admin = self.current_user.is_admin
         out = []
         for link in sessions.registry.links.values():
             used, kernels = sessions.agent_usage(link.id)
             reg = link.registration
             holders = sessions.device_holders(link.id)
+            agent: dict[str, Any] = {
+                "id": link.id,
+                "status": "LOST" if link.lost else ("ALIVE" if link.connected else "DISCONNECTED"),
+                "schedulable": link.id not in sessions.drained,
+                "capacity": reg.capacity.to_json(),
+                "used": used.to_json(),
+                "images": sorted(t for i in reg.images for t in i.tags),
+            }
+            if not admin:
+                # Capacity is what a user needs to choose; where hosts are, which devices they
+                # have and whose kernels hold them is the operators' business.
+                out.append(agent)
+                continue
             stats = {s["id"]: s for s in link.device_stats}
-            mine = self.current_user.is_admin
-            out.append(
-                {
-                    "id": link.id,
-                    "address": reg.address,
-                    "status": "LOST" if link.lost else ("ALIVE" if link.connected else "DISCONNECTED"),
-                    "schedulable": link.id not in sessions.drained,
-                    "capacity": reg.capacity.to_json(),
-                    "used": used.to_json(),
-                    "images": sorted(t for i in reg.images for t in i.tags),
-                    "kernels": kernels,
-                    "devices": [
-                        {
-                            **d.to_json(),
-                            "label": f"{d.model}"
-                            + ("" if "mock" in d.model.lower() or not d.mock else " (mock)"),
-                            "held_by": holders.get(d.id, []) if mine else len(holders.get(d.id, [])),
-                            "stats": stats.get(d.id),
-                        }
-                        for d in reg.devices
-                    ],
-                }
+            agent.update(
+                address=reg.address,
+                kernels=kernels,
+                devices=[
+                    {
+                        **d.to_json(),
+                        "label": f"{d.model}"
+                        + ("" if "mock" in d.model.lower() or not d.mock else " (mock)"),
+                        "held_by": holders.get(d.id, []),
+                        "stats": stats.get(d.id),
+                    }
+                    for d in reg.devices
+                ],
             )
+            out.append(agent)
         self.write_json({"agents": out})
+
+
+class AgentKeyHandler(ApiHandler):
+    """DELETE /v1/agents/{id}/key (admins): forget the agent's enrollment and drop its link."""
+
+    async def delete(self, agent_id: str) -> None:
+        if not self.current_user.is_admin:
+            raise Forbidden("only admins can reset agents")
+        await self.settings["agent_auth"].reset(agent_id)
+        link = self.sessions.registry.get(agent_id)
+        if link is not None and isinstance(link.sender, AgentConnectHandler):
+            link.sender.close(4003, "enrollment reset by an admin")
+        self.set_status(204)
+        self.finish()
 
 
 class DrainHandler(ApiHandler):
@@ -74,15 +99,22 @@ class AgentConnectHandler(websocket.WebSocketHandler):
         return self.settings["sessions"]
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        token = self.settings["agent_token"]
-        header = self.request.headers.get("Authorization", "")
-        # Bytes, not str: compare_digest refuses non-ASCII strings, and a header may hold anything.
-        presented = header[7:].encode("utf-8", "surrogateescape")
-        if not (header.startswith("Bearer ") and hmac.compare_digest(presented, token.encode())):
-            self.set_status(401)
+        headers = self.request.headers
+        claimed = headers.get(AGENT_ID_HEADER, "")
+        try:
+            if await self.settings["agent_auth"].authenticate(
+                claimed, headers.get(AGENT_KEY_HEADER, ""), headers.get(JOIN_TOKEN_HEADER, "")
+            ):
+                log.info("agent %s enrolled with its own key", claimed)
+        except ApiError as e:
+            log.warning(
+                "agent connection as %r from %s refused: %s", claimed, self.request.remote_ip, e.title
+            )
+            self.set_status(e.status)
             self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"type": "unauthorized", "title": "bad agent token", "status": 401}))
+            self.finish(json.dumps(e.to_json()))
             return
+        self.claimed_id = claimed
         await super().get(*args, **kwargs)
 
     def open(self) -> None:  # type: ignore[override]
@@ -94,6 +126,10 @@ class AgentConnectHandler(websocket.WebSocketHandler):
             kind = msg.get("type")
             if kind == "register":
                 reg = AgentRegistration.from_json(msg["agent"])
+                if reg.agent_id != self.claimed_id:
+                    log.warning("agent %s tried to register as %s; closed", self.claimed_id, reg.agent_id)
+                    self.close(4003, "an agent registers under the id it authenticated as")
+                    return
                 self.agent_id = reg.agent_id
                 self.sessions.registry.register(reg, self)
                 await self.sessions.agent_registered(reg)

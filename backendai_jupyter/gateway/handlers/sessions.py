@@ -80,7 +80,12 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
         hub = self.settings["hub"]
         # Subscribe before reading the snapshot so no change can fall between the two.
         self._queue = hub.subscribe(lambda ev: ev["session_id"] == sid)
-        await super().get(sid)
+        try:
+            await super().get(sid)
+        finally:
+            if self.ws_connection is None:  # no upgrade (not a websocket request): on_close never runs
+                hub.unsubscribe(self._queue)
+                self._queue = None
 
     async def open(self, sid: str) -> None:  # type: ignore[override]
         self.set_nodelay(True)
@@ -112,7 +117,7 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         if getattr(self, "_counted", False):
-            self.settings["sessions"].stream_closed(self.sid, self.current_user)
+            self.settings["sessions"].stream_closed(self.sid)
         if self._queue is not None:
             self.settings["hub"].unsubscribe(self._queue)
         if self._pump:
