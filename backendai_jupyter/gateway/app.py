@@ -181,8 +181,8 @@ class Gateway(LoggingConfigurable):
         "A slot without a minimum here may still not be 0: a container with no limit is not an empty one.",
     ).tag(config=True)
     max_request_body = Int(
-        help="Largest request body in bytes; larger ones are refused with 413 before they are read "
-        "(env BACKENDAI_MAX_REQUEST_BODY)."
+        help="Largest request body in bytes (1 MiB unless set); larger ones are refused with 413 "
+        "before they are read (env BACKENDAI_MAX_REQUEST_BODY)."
     ).tag(config=True)
 
     @default("max_request_body")
