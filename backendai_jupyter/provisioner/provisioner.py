@@ -21,6 +21,7 @@ from traitlets import Dict, Float, List, Unicode, default
 from ..common.clientconfig import ClientConfig, default_path
 from ..common.errors import ApiError, Conflict, LaunchError, LaunchTimeout
 from ..common.states import SessionState
+from ..common.tls import ca_file_from_env
 from .client import GatewayClient, SessionWatch
 
 
@@ -38,6 +39,7 @@ def client_config(gateway_url: str, access_key: str, secret_key: str, path: str)
         url=gateway_url or (found.url if found else ""),
         access_key=access_key or (found.access_key if found else ""),
         secret_key=secret_key or (found.secret_key if found else ""),
+        ca_file=found.ca_file if found else ca_file_from_env(),
     )
 
 
