@@ -276,6 +276,7 @@ class Cluster:
         self, agent_id: str, port_range: str, state: str, log_name: str, *args: str, wait: bool = True
     ) -> subprocess.Popen[str]:
         log = self.tmp / log_name
+        own_ca = (a.startswith("--Agent.ca_file=") for a in args)  # a test's own CA wins
         env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
         cmd = [
             BAI,
@@ -284,7 +285,7 @@ class Cluster:
             f"--id={agent_id}",
             f"--port-range={port_range}",
             f"--state-dir={self.tmp / state}",
-            *([f"--Agent.ca_file={self.ca_file}"] if self.ca_file else []),
+            *([f"--Agent.ca_file={self.ca_file}"] if self.ca_file and not any(own_ca) else []),
             *args,
         ]
         proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env)

@@ -56,7 +56,7 @@ def untrusted(url: str, ca_file: str, where: str, err: ssl.SSLCertVerificationEr
             "`backendai-jupyter certs create`)"
         )
     return TLSError(
-        f"the gateway at {url} presented a certificate not trusted by {trusted} ({reason}): {fix}"
+        f"the gateway at {url} presented a certificate that {trusted} does not trust ({reason}): {fix}"
     )
 
 
