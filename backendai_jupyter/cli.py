@@ -135,10 +135,7 @@ class UpApp(_Service):
         gw = Gateway(parent=self)
         agent = Agent(parent=self)
         if gw.certfile and not agent.ca_file:
-            # `certs create` writes the CA beside the gateway's certificate.
-            beside = Path(gw.certfile).resolve().with_name("ca.pem")
-            if beside.exists():
-                agent.ca_file = str(beside)
+            agent.ca_file = gw.own_ca_file()
         # The local agent and every client of the config written below trust the same CA.
         ca_file = str(Path(agent.ca_file).resolve()) if agent.ca_file else ""
 

@@ -22,7 +22,7 @@ from backendai_jupyter.common.tls import TLSError
 from backendai_jupyter.gateway.app import is_loopback
 from backendai_jupyter.provisioner.client import GatewayClient
 
-from .kernel_helpers import client, run, stdout
+from .kernel_helpers import client, execute_over_websocket, run, stdout
 from .stack import BAI, Cluster, aid, free_port, make_certs, ports, start_up, wait_for_line
 
 IMAGE = "backendai-jupyter/python"
@@ -225,6 +225,22 @@ def test_kernel_manager_launches_a_kernel_through_the_https_gateway(
         kc.stop_channels()
     finally:
         km.shutdown_kernel(now=True)
+
+
+@pytest.mark.docker
+def test_kernel_gateway_api_runs_a_kernel_over_https_and_wss(tls_cluster: Cluster):
+    # The gateway provisions these kernels by calling its own /v1 over https: it trusts its own CA.
+    token = json.loads((tls_cluster.tmp / "gw" / "admin-keypair.json").read_text())["token"]
+    h = {"Authorization": f"token {token}"}
+    url, ca = tls_cluster.url, tls_cluster.ca_file
+    r = requests.post(url + "/api/kernels", json={"name": SPEC}, headers=h, verify=ca, timeout=120)
+    assert r.status_code == 201, r.text
+    kid = r.json()["id"]
+    try:
+        ws = f"{url}/api/kernels/{kid}/channels"
+        assert execute_over_websocket(ws, "print(6 * 7)", headers=h, ca_file=ca) == "42\n"
+    finally:
+        requests.delete(f"{url}/api/kernels/{kid}", headers=h, verify=ca, timeout=60)
 
 
 # -- replays -------------------------------------------------------------------------------------------

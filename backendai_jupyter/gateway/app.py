@@ -17,7 +17,7 @@ from traitlets.config import LoggingConfigurable
 
 from .. import __version__
 from ..common.slots import ResourceSlot, SlotError
-from ..common.tls import MIN_VERSION
+from ..common.tls import MIN_VERSION, ca_file_from_env
 from ..common.wire import AGENT_WS_PATH
 from . import db as dbmod
 from .auth import Authenticator
@@ -111,6 +111,16 @@ class Gateway(LoggingConfigurable):
     @default("keyfile")
     def _keyfile_default(self) -> str:
         return os.environ.get("BACKENDAI_GATEWAY_KEYFILE", "")
+
+    ca_file = Unicode(
+        help="PEM CA that signed certfile, trusted when the gateway calls its own URL (kernels of the "
+        "Kernel Gateway API); the ca.pem beside certfile when empty and present, else the system "
+        "trust store (env BACKENDAI_CA_FILE)."
+    ).tag(config=True)
+
+    @default("ca_file")
+    def _ca_file_default(self) -> str:
+        return ca_file_from_env()
 
     allow_insecure = Bool(
         help="Serve plain HTTP on an address other hosts can reach. Keypairs, tokens and the agent "
@@ -236,6 +246,13 @@ class Gateway(LoggingConfigurable):
             ) from None
         return ctx
 
+    def own_ca_file(self) -> str:
+        """The CA to verify the gateway's own certificate with ("" for the system store)."""
+        if self.ca_file or not self.certfile:
+            return self.ca_file
+        beside = Path(self.certfile).resolve().with_name("ca.pem")  # as `certs create` writes it
+        return str(beside) if beside.exists() else ""
+
     def _secret_file(self, name: str) -> Path:
         return Path(self.data_dir) / name
 
@@ -280,7 +297,12 @@ class Gateway(LoggingConfigurable):
         )
         await self.sessions.start()
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
-            self.data_dir, self.url, self.sessions, set(self.kernel_env_allowlist), self.log
+            self.data_dir,
+            self.url,
+            self.sessions,
+            set(self.kernel_env_allowlist),
+            self.log,
+            self.own_ca_file(),
         )
         app = web.Application(
             [

@@ -92,6 +92,7 @@ class BackendAIKernelManager(ServerKernelManager):
             self.provisioner.gateway_url = cfg["url"]
             self.provisioner.access_key = cfg["access_key"]
             self.provisioner.secret_key = cfg["secret_key"]
+            self.provisioner.ca_file = cfg.get("ca_file", "")
             self.provisioner.forward_env = ["*"]  # the handler already kept only what may pass
             # One launch timeout: the client's. jupyter_server's GatewayClient always sends it and
             # waits that long plus a pad, so the client gets our clear error, not its own timeout.
@@ -105,6 +106,7 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
     """jupyter_server's kernel manager, with an owner for every kernel."""
 
     gateway_url = Unicode("", help="The gateway's own URL, for the provisioner.").tag(config=True)
+    ca_file = Unicode("", help="CA the provisioner trusts for an https gateway URL.").tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -117,7 +119,14 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
             kp = (await db.scalars(select(Keypair).where(Keypair.user_id == user.id).limit(1))).first()
         if kp is None:
             raise web.HTTPError(403, f"user {user.name} has no keypair")
-        return json.dumps({"url": self.gateway_url, "access_key": kp.access_key, "secret_key": kp.secret_key})
+        return json.dumps(
+            {
+                "url": self.gateway_url,
+                "access_key": kp.access_key,
+                "secret_key": kp.secret_key,
+                "ca_file": self.ca_file,
+            }
+        )
 
     async def start_kernel(
         self, *, kernel_id: str | None = None, path: str | None = None, **kwargs: Any
@@ -330,7 +339,7 @@ class FastKernelWebsocketHandler(KernelWebsocketHandler):
 
 
 def jupyter_handlers_and_settings(
-    data_dir: str, gateway_url: str, sessions: Any, env_allowlist: set[str], log: Any
+    data_dir: str, gateway_url: str, sessions: Any, env_allowlist: set[str], log: Any, ca_file: str = ""
 ) -> tuple[list[Any], dict[str, Any]]:
     """jupyter_server's kernel, kernelspec and session handlers, configured for the gateway."""
     from jupyter_server.kernelspecs.handlers import default_handlers as kernelspec_resources
@@ -353,6 +362,7 @@ def jupyter_handlers_and_settings(
     config.ServerApp.allow_remote_access = True
     config.ServerApp.terminals_enabled = False
     config.BackendAIMappingKernelManager.gateway_url = gateway_url
+    config.BackendAIMappingKernelManager.ca_file = ca_file
     config.BackendAIMappingKernelManager.default_kernel_name = "backendai-python3"
     config.ServerApp.kernel_spec_manager_class = GatewayKernelSpecManager
     # POST /api/kernels answers as soon as the kernel is requested ("starting"); its model says
