@@ -23,7 +23,7 @@ from backendai_jupyter.gateway.app import is_loopback
 from backendai_jupyter.provisioner.client import GatewayClient
 
 from .kernel_helpers import client, execute_over_websocket, run, stdout
-from .stack import BAI, Cluster, aid, free_port, make_certs, ports, start_up, wait_for_line
+from .stack import BAI, Cluster, aid, free_port, jupyter, make_certs, ports, start_up, wait_for_line
 
 IMAGE = "backendai-jupyter/python"
 SPEC = "backendai-python3"
@@ -241,6 +241,21 @@ def test_kernel_gateway_api_runs_a_kernel_over_https_and_wss(tls_cluster: Cluste
         assert execute_over_websocket(ws, "print(6 * 7)", headers=h, ca_file=ca) == "42\n"
     finally:
         requests.delete(f"{url}/api/kernels/{kid}", headers=h, verify=ca, timeout=60)
+
+
+@pytest.mark.docker
+def test_jupyter_server_with_an_https_gateway_url_trusts_the_ca_from_ssl_cert_file(
+    tls_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # jupyter_server passes GatewayClient.ca_certs on only with a client certificate, so a private
+    # CA reaches `jupyter lab --gateway-url` through OpenSSL's SSL_CERT_FILE (or the system store).
+    monkeypatch.setenv("SSL_CERT_FILE", tls_cluster.ca_file)
+    token = json.loads((tls_cluster.tmp / "gw" / "admin-keypair.json").read_text())["token"]
+    args = (f"--gateway-url={tls_cluster.url}", f"--GatewayClient.auth_token={token}")
+    with jupyter("server", tmp_path, "lab", *args) as url:
+        r = requests.get(url + "/api/kernelspecs", headers={"Authorization": "token lab"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert SPEC in r.json()["kernelspecs"]
 
 
 # -- replays -------------------------------------------------------------------------------------------
