@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jupyter_core.application import JupyterApp, base_aliases
+from jupyter_core.application import JupyterApp, base_aliases, base_flags
 from traitlets import Bool, Unicode, default
 from traitlets.config import Application
 
@@ -18,6 +18,13 @@ from . import __version__
 from .agent.app import Agent
 from .common.clientconfig import ClientConfig, default_path
 from .gateway.app import Gateway
+
+INSECURE_FLAG = {
+    "allow-insecure": (
+        {"Gateway": {"allow_insecure": True}},
+        "Serve plain HTTP on a non-loopback address (keypairs and tokens cross the network in the clear).",
+    ),
+}
 
 
 class _Service(JupyterApp):
@@ -69,7 +76,10 @@ class GatewayApp(_Service):
         "port": "Gateway.port",
         "data-dir": "Gateway.data_dir",
         "db-url": "Gateway.db_url",
+        "certfile": "Gateway.certfile",
+        "keyfile": "Gateway.keyfile",
     }
+    flags = {**base_flags, **INSECURE_FLAG}
 
     def start(self) -> None:
         gw = Gateway(parent=self)
@@ -94,6 +104,7 @@ class AgentApp(_Service):
         "state-dir": "Agent.state_dir",
         "cpu": "Agent.cpu",
         "mem": "Agent.mem",
+        "ca-file": "Agent.ca_file",
     }
 
     def start(self) -> None:
@@ -110,7 +121,11 @@ class UpApp(_Service):
         "port": "Gateway.port",
         "data-dir": "Gateway.data_dir",
         "client-config": "UpApp.client_config",
+        "certfile": "Gateway.certfile",
+        "keyfile": "Gateway.keyfile",
+        "ca-file": "Agent.ca_file",
     }
+    flags = {**base_flags, **INSECURE_FLAG}
     client_config = Unicode(
         help="Where to write the client config; <jupyter config dir>/backendai_client.json when empty "
         "(env BACKENDAI_CLIENT_CONFIG)."
@@ -119,6 +134,10 @@ class UpApp(_Service):
     def start(self) -> None:
         gw = Gateway(parent=self)
         agent = Agent(parent=self)
+        if gw.certfile and not agent.ca_file:
+            agent.ca_file = gw.own_ca_file()
+        # The local agent and every client of the config written below trust the same CA.
+        ca_file = str(Path(agent.ca_file).resolve()) if agent.ca_file else ""
 
         async def start() -> None:
             await gw.start()
@@ -131,7 +150,7 @@ class UpApp(_Service):
             await agent.wait_registered()
             admin = gw.admin_credentials()
             path = ClientConfig(
-                gw.url, admin["access_key"], admin["secret_key"], admin.get("token", "")
+                gw.url, admin["access_key"], admin["secret_key"], admin.get("token", ""), ca_file
             ).save(Path(self.client_config) if self.client_config else default_path())
             print(f"backendai-jupyter is up: gateway {gw.url}, agent {agent.agent_id}", flush=True)
             print(f"client config: {path}", flush=True)
@@ -201,6 +220,20 @@ class StatusApp(Application):
 
 def _gib(value: str) -> str:
     return f"{int(value) / 2**30:.1f}"
+
+
+class CertsApp(Application):
+    name = "backendai-jupyter certs"
+    description = "Make a private CA and the gateway's TLS certificate (certs create --dir DIR --host NAME)."
+
+    def parse_command_line(self, argv: list[str] | None = None) -> None:
+        # Everything after `certs` belongs to its own argument parser (--host repeats).
+        self.extra_args = list(argv if argv is not None else sys.argv[1:])
+
+    def start(self) -> None:
+        from .certs import main
+
+        self.exit(main(self.extra_args))
 
 
 class KernelspecsInstallApp(Application):
@@ -285,6 +318,7 @@ class BackendAIJupyterApp(Application):
         "kernelspecs": (KernelspecsApp, KernelspecsApp.description),
         "images": (ImagesApp, ImagesApp.description),
         "admin": (AdminApp, AdminApp.description),
+        "certs": (CertsApp, CertsApp.description),
     }
 
     def start(self) -> None:

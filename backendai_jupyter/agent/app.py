@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..common.errors import ApiError
 from ..common.slots import ResourceSlot
+from ..common.tls import ENV_CA_FILE, ca_file_from_env, client_context, untrusted
 from ..common.wire import (
     AGENT_ID_HEADER,
     AGENT_KEY_HEADER,
@@ -57,6 +59,15 @@ class Agent(LoggingConfigurable):
     @default("gateway_url")
     def _gateway_url_default(self) -> str:
         return os.environ.get("BACKENDAI_GATEWAY_URL", "http://127.0.0.1:8470")
+
+    ca_file = Unicode(
+        help="PEM file of the CA that signed an https gateway's certificate (the ca.pem of "
+        "`backendai-jupyter certs create`); the system trust store when empty (env BACKENDAI_CA_FILE)."
+    ).tag(config=True)
+
+    @default("ca_file")
+    def _ca_file_default(self) -> str:
+        return ca_file_from_env()
 
     agent_token = Unicode(
         help="The gateway's join token, needed only the first time this agent connects: the gateway "
@@ -167,6 +178,10 @@ class Agent(LoggingConfigurable):
 
     async def start(self) -> None:
         """Connect to the container engine, re-adopt kernels, then keep a link to the gateway."""
+        # A CA file that cannot be read is a configuration error: say so before anything starts.
+        self._ssl: ssl.SSLContext | None = (
+            client_context(self.ca_file, self._ca_setting) if self.gateway_url.startswith("https:") else None
+        )
         low, high = (int(p) for p in self.port_range.split("-"))
         bind_host = self.bind_host or self.advertised_host
         Path(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 (startup)
@@ -227,6 +242,8 @@ class Agent(LoggingConfigurable):
             except websocket.WebSocketClosedError:
                 pass
 
+    _ca_setting = f"--Agent.ca_file (or {ENV_CA_FILE})"
+
     async def _keep_linked(self) -> None:
         delay = 0.2
         url = self.gateway_url.replace("http", "ws", 1).rstrip("/") + AGENT_WS_PATH
@@ -237,7 +254,7 @@ class Agent(LoggingConfigurable):
         # its kernels running with nobody to order them about.
         while True:
             try:
-                req = httpclient.HTTPRequest(url, headers=headers, connect_timeout=10)
+                req = httpclient.HTTPRequest(url, headers=headers, connect_timeout=10, ssl_options=self._ssl)
                 self._ws = await websocket.websocket_connect(req, ping_interval=20)
                 self._ws.stream.set_nodelay(True)
                 delay = 0.2
@@ -250,6 +267,9 @@ class Agent(LoggingConfigurable):
                     log.error("the gateway refused this agent: %s", reason)
                 else:
                     log.warning("gateway at %s: %s", self.gateway_url, reason)
+            except ssl.SSLCertVerificationError as e:
+                # Retry all the same: the gateway may be mid-way through a certificate change.
+                log.error("%s", untrusted(self.gateway_url, self.ca_file, self._ca_setting, e).title)
             except OSError as e:
                 log.warning("cannot reach the gateway at %s (%s); retrying", self.gateway_url, e)
             except Exception:

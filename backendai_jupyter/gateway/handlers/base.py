@@ -55,17 +55,20 @@ class AuthMixin:
         secret, user = found
         if user.disabled:
             raise Unauthorized("this user is disabled")
+        nonce = self.request.headers.get(signing.NONCE_HEADER, "")
         try:
-            signing.verify(
+            when = signing.verify(
                 secret,
                 signature,
                 self.request.method,
                 self.request.uri,
                 self.request.headers.get(signing.DATE_HEADER, ""),
                 self.request.body or b"",
+                nonce,
             )
         except signing.SignatureError as e:
             raise Unauthorized(str(e)) from None
+        self.settings["nonces"].remember(self.access_key, nonce, when)  # refuses a replay
         self.current_user = user
 
 
