@@ -23,7 +23,7 @@ from backendai_jupyter.gateway.app import is_loopback
 from backendai_jupyter.provisioner.client import GatewayClient
 
 from .kernel_helpers import client, execute_over_websocket, run, stdout
-from .stack import BAI, Cluster, aid, free_port, jupyter, make_certs, ports, start_up, wait_for_line
+from .stack import BAI, Cluster, aid, free_port, jupyter, make_certs, port_span, start_up, wait_for_line
 
 IMAGE = "backendai-jupyter/python"
 SPEC = "backendai-python3"
@@ -118,7 +118,7 @@ def test_plain_http_on_all_addresses_is_refused_unless_explicitly_allowed(tmp_pa
 
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory: pytest.TempPathFactory, docker_engine) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("tls"), aid("test-tls"), ports("31850-31899"), tls=True)
+    c = Cluster(tmp_path_factory.mktemp("tls"), aid("test-tls"), port_span("31850-31899"), tls=True)
     try:
         c.start_agent()
         yield c
@@ -197,7 +197,7 @@ def test_agent_that_does_not_trust_the_gateway_logs_the_fix_and_never_registers(
 ):
     agent_id = aid(f"test-tls-{trusting}")
     args = [f"--Agent.ca_file={other_ca}"] if trusting == "other" else ["--Agent.ca_file="]
-    proc = tls_cluster.add_agent(agent_id, ports("31900-31949"), *args, wait=False)
+    proc = tls_cluster.add_agent(agent_id, port_span("31900-31949"), *args, wait=False)
     log = tls_cluster.tmp / f"agent-{agent_id}.log"
     try:
         wait_for_line(proc, log, "does not trust", timeout=60)
@@ -323,7 +323,7 @@ def test_up_with_a_certificate_serves_https_and_writes_a_client_config_that_trus
     s = start_up(
         tmp_path,
         aid("test-tls-up"),
-        ports("31900-31949"),
+        port_span("31900-31949"),
         f"--certfile={certs / 'gateway.pem'}",
         f"--keyfile={certs / 'gateway-key.pem'}",
     )
