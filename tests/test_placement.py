@@ -76,9 +76,9 @@ def test_agents_list_their_mock_devices_as_mock(gpus: Cluster):
         assert d["numa_node"] == int(d["id"]) % 2
     # Live per-device numbers arrive with the heartbeats.
     stats = eventually(
-        lambda: next(a for a in gpus.api("GET", "/v1/agents")["agents"] if a["id"] == aid("gpu-a"))["devices"][0][
-            "stats"
-        ]
+        lambda: next(a for a in gpus.api("GET", "/v1/agents")["agents"] if a["id"] == aid("gpu-a"))[
+            "devices"
+        ][0]["stats"]
     )
     assert stats["memory_total"] == 16 * 2**30
     assert len({d["uuid"] for a in agents.values() for d in a["devices"]}) == 6

@@ -20,7 +20,7 @@ from ..common.slots import ResourceSlot
 from ..common.wire import AGENT_WS_PATH, AgentRegistration, CreateKernel, Device, KernelReport
 from .accelerators.base import AcceleratorPlugin, load_plugins
 from .backends.base import BackendError
-from .backends.docker import DockerBackend
+from .backends.docker import ContainerPolicy, DockerBackend
 from .kernels import KernelRunner
 from .ports import PortPool
 
@@ -99,6 +99,68 @@ class Agent(LoggingConfigurable):
         return proposal["value"]
 
     pids_limit = Int(1024, help="Most processes a kernel container may have.").tag(config=True)
+
+    @validate("pids_limit")
+    def _positive_pids(self, proposal: Any) -> int:
+        if proposal["value"] <= 0:
+            raise ValueError("pids_limit must be positive: Docker reads 0 as no limit (a fork bomb away)")
+        return int(proposal["value"])
+
+    kernel_home = Unicode(
+        "/home/work",
+        help="Home directory of the kernel user in the images. It is a private tmpfs (the root "
+        "filesystem is read-only), and HOME, IPYTHONDIR, MPLCONFIGDIR and XDG_* point into it.",
+    ).tag(config=True)
+    kernel_home_size = Unicode("1g", help="Size limit of a kernel's home tmpfs (counts as its memory).").tag(
+        config=True
+    )
+    kernel_tmp_size = Unicode("512m", help="Size limit of a kernel's /tmp tmpfs (counts as its memory).").tag(
+        config=True
+    )
+    kernel_log_max_size = Unicode("10m", help="Size at which a kernel's container log is rotated.").tag(
+        config=True
+    )
+    kernel_log_max_files = Int(3, help="Rotated container log files kept per kernel.").tag(config=True)
+    kernel_network = Unicode(
+        help="Docker bridge network for kernels, created with inter-container traffic off so kernels "
+        "cannot reach each other (env BACKENDAI_KERNEL_NETWORK)."
+    ).tag(config=True)
+
+    @default("kernel_network")
+    def _kernel_network_default(self) -> str:
+        return os.environ.get("BACKENDAI_KERNEL_NETWORK", "backendai-kernels")
+
+    kernel_bridge = Unicode(
+        help="Host interface name of that network's bridge (15 characters at most); the firewall "
+        "rules match on it (env BACKENDAI_KERNEL_BRIDGE)."
+    ).tag(config=True)
+
+    @default("kernel_bridge")
+    def _kernel_bridge_default(self) -> str:
+        return os.environ.get("BACKENDAI_KERNEL_BRIDGE", "bai-kernels0")
+
+    @validate("kernel_bridge")
+    def _valid_bridge(self, proposal: Any) -> str:
+        name = proposal["value"]
+        if not (0 < len(name) <= 15) or not all(c.isalnum() or c in "-_." for c in name):
+            raise ValueError(f"kernel_bridge must be an interface name of 1-15 characters, got {name!r}")
+        return str(name)
+
+    kernel_egress = Bool(
+        help="Whether kernels may open connections beyond this host (the internet, other hosts). "
+        "They never reach this host's own services nor 169.254.0.0/16 (env BACKENDAI_KERNEL_EGRESS: "
+        "allow or deny)."
+    ).tag(config=True)
+
+    @default("kernel_egress")
+    def _kernel_egress_default(self) -> bool:
+        return os.environ.get("BACKENDAI_KERNEL_EGRESS", "allow").lower() not in ("deny", "0", "false", "no")
+
+    allow_unencrypted_kernels = Bool(
+        False,
+        help='Start kernels whose image declares no CurveZMQ support ("encryption": false in its kernel '
+        "label). Their channels are plaintext: anyone who reaches their ports can read and drive them.",
+    ).tag(config=True)
     accelerators = List(
         Unicode(),
         ["cuda"],
@@ -155,7 +217,19 @@ class Agent(LoggingConfigurable):
             self.devices += found
             note = f"; {plugin.sharing_note}" if plugin.sharing_note else ""
             log.info("%s: %d device(s)%s", type(plugin).__name__, len(found), note)
-        self.backend = DockerBackend(self.agent_id, bind_host, self.kernel_user, self.pids_limit)
+        policy = ContainerPolicy(
+            kernel_user=self.kernel_user,
+            home=self.kernel_home,
+            home_size=self.kernel_home_size,
+            tmp_size=self.kernel_tmp_size,
+            pids_limit=self.pids_limit,
+            log_max_size=self.kernel_log_max_size,
+            log_max_files=self.kernel_log_max_files,
+            network=self.kernel_network,
+            bridge=self.kernel_bridge,
+            egress=self.kernel_egress,
+        )
+        self.backend = DockerBackend(self.agent_id, bind_host, policy)
         self.runner = KernelRunner(
             self.backend,
             PortPool(low, high, bind_host),
@@ -165,6 +239,7 @@ class Agent(LoggingConfigurable):
             self._report,
             {p.key: p for p in self.plugins},
             self.devices,
+            allow_unencrypted=self.allow_unencrypted_kernels,
         )
         await self.runner.start()
         self._ws: websocket.WebSocketClientConnection | None = None
