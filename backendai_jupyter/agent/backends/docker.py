@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -86,6 +87,9 @@ class DockerBackend(ContainerBackend):
         self._closing = threading.Event()
         self._watcher: threading.Thread | None = None
 
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
     async def prepare(self) -> None:
         """Create the kernel network and install its firewall rules (see kernel_network)."""
         await self._run(ensure_network, self.client, self.policy.network, self.policy.bridge)
@@ -122,7 +126,7 @@ class DockerBackend(ContainerBackend):
         needs_init = not (image.attrs.get("Config") or {}).get("Entrypoint")
         kwargs: dict[str, Any] = dict(
             image=launch.image,
-            command=launch.argv,
+            command=self._command(launch.argv),
             name=f"bai-kernel-{launch.session_id}",
             labels={
                 LABEL_SESSION: launch.session_id,
@@ -186,6 +190,19 @@ class DockerBackend(ContainerBackend):
             except BackendError:
                 pass
             raise
+
+    def _command(self, argv: list[str]) -> list[str]:
+        """The kernel's argv, run on a private, writable copy of its connection file.
+
+        ipykernel (7.4) rewrites its connection file at start whenever it serves CurveZMQ (it
+        compares its keys as bytes with the file's strings), and the mounted file is read-only
+        (the kernel must not write to the agent's disk). So a shell copies it into the home
+        tmpfs (mode 0600, as jupyter_core's secure_write insists) and then becomes the kernel.
+        """
+        private = f"{self.policy.home}/.backendai-connection.json"
+        argv = [a.replace(CONNECTION_FILE_IN_CONTAINER, private) for a in argv]
+        script = 'umask 077 && cat "$0" > "$1" && shift && exec "$@"'
+        return ["/bin/sh", "-c", script, CONNECTION_FILE_IN_CONTAINER, private, *argv]
 
     def _home_env(self) -> dict[str, str]:
         """Point every per-user config and cache (IPython, matplotlib, XDG) into the writable home."""
