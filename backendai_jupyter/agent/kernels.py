@@ -372,7 +372,11 @@ class KernelRunner:
 
     async def _resync(self) -> None:
         """After missed events: every kernel whose container no longer runs has ended."""
-        running = {r.container_id for r in await self.backend.recover() if r.running}
+        try:
+            running = {r.container_id for r in await self.backend.recover() if r.running}
+        except Exception as e:  # the engine went away again: the next reconnect checks again
+            log.warning("could not list kernel containers after reconnecting to the engine: %s", e)
+            return
         for sid, k in list(self.kernels.items()):
             if k.state == SessionState.RUNNING and k.container_id and k.container_id not in running:
                 log.info("kernel %s ended while Docker events were not followed", sid)
