@@ -30,8 +30,17 @@ def _launch(tmp_path: Path) -> tuple[subprocess.Popen[str], BlockingKernelClient
     kc = BlockingKernelClient()
     kc.load_connection_file(fname)
     kc.start_channels()
-    kc.wait_for_ready(timeout=60)
-    return proc, kc
+    # A client without a KernelManager calls the kernel dead once its heartbeat is silent for a
+    # second, and the remote kernel takes a few to start: ask again, as a client's retry would.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            kc.wait_for_ready(timeout=60)
+            return proc, kc
+        except RuntimeError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.5)
 
 
 def _session_of(stack: Stack) -> dict:
