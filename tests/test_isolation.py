@@ -63,6 +63,9 @@ found = {
     "Seccomp": status("Seccomp"),
     "write /usr": can_write("/usr/probe"),
     "write /": can_write("/probe"),
+    # World-writable in the image: only a read-only root keeps the kernel user out of it.
+    "write /var/tmp": can_write("/var/tmp/probe"),
+    "root mount": next(l.split()[3].split(",")[0] for l in open("/proc/mounts") if l.split()[1] == "/"),
     "write home": can_write(os.path.expanduser("~/probe")),
     "write /tmp": can_write("/tmp/probe"),
     "home": os.path.expanduser("~"),
@@ -268,7 +271,8 @@ def test_kernel_is_fenced_in_and_its_channels_are_encrypted(allowing: Stack) -> 
     assert found["CapEff"] == "0000000000000000"
     assert found["NoNewPrivs"] == "1"
     assert found["Seccomp"] == "2"
-    assert not found["write /usr"] and not found["write /"]
+    assert not found["write /usr"] and not found["write /"] and not found["write /var/tmp"]
+    assert found["root mount"] == "ro"
     assert found["write home"] and found["write /tmp"]
     assert found["home"] == "/home/work"
     assert not found["docker socket"]
