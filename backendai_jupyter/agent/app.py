@@ -89,13 +89,19 @@ class Agent(LoggingConfigurable):
 
     cpu = Unicode("", help="CPU cores to offer; all of the host's when empty.").tag(config=True)
     mem = Unicode("", help="Memory to offer (e.g. '8g'); the host's total when empty.").tag(config=True)
-    kernel_user = Unicode("1000:1000", help="uid:gid kernels run as; never root.").tag(config=True)
+    kernel_user = Unicode(
+        "1000:1000", help="Numeric uid:gid kernels run as (it owns their home tmpfs); never root."
+    ).tag(config=True)
 
     @validate("kernel_user")
     def _not_root(self, proposal: Any) -> str:
-        uid = proposal["value"].split(":")[0]
+        uid, _, gid = proposal["value"].partition(":")
         if uid in ("0", "root", ""):
             raise ValueError("kernels must not run as root")
+        if not (uid.isdigit() and (gid or uid).isdigit()):
+            raise ValueError(
+                f"kernel_user must be a numeric uid:gid such as 1000:1000, got {proposal['value']!r}"
+            )
         return proposal["value"]
 
     pids_limit = Int(1024, help="Most processes a kernel container may have.").tag(config=True)
