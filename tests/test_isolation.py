@@ -7,6 +7,7 @@ prints what it finds as JSON; the test prints that dict and asserts on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import docker
 import pytest
 import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
+
+from backendai_jupyter.agent.backends.kernel_network import KernelFirewall
 
 from .kernel_helpers import run, stdout
 from .stack import SLOT, Stack, aid, ports, remove_containers, start_up
@@ -152,23 +155,27 @@ def fenced_stack(tmp: Path, name: str, span: str, *, egress: bool) -> Stack:
     )
 
 
-def stop(stack: Stack) -> None:
+def stop(stack: Stack, suffix: str) -> None:
+    """Stop the stack and take its kernel network and firewall rules off the host again."""
     stack.stop()
     remove_containers(stack.agent_id)
+    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+        docker.from_env().networks.get(f"bai-iso-s{SLOT}{suffix}").remove()
+    KernelFirewall(f"bai-iso{SLOT}{suffix}", egress=True).remove()
 
 
 @pytest.fixture(scope="module")
 def allowing(tmp_path_factory: pytest.TempPathFactory, docker_engine: Any) -> Iterator[Stack]:
     s = fenced_stack(tmp_path_factory.mktemp("iso-allow"), "test-iso-allow", "31700-31749", egress=True)
     yield s
-    stop(s)
+    stop(s, "a")
 
 
 @pytest.fixture(scope="module")
 def denying(tmp_path_factory: pytest.TempPathFactory, docker_engine: Any) -> Iterator[Stack]:
     s = fenced_stack(tmp_path_factory.mktemp("iso-deny"), "test-iso-deny", "31750-31799", egress=False)
     yield s
-    stop(s)
+    stop(s, "d")
 
 
 def start_kernel(stack: Stack) -> tuple[str, dict[str, Any]]:

@@ -98,6 +98,15 @@ class Runner:
         remove_containers(self.agent_id)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kernel_network() -> Iterator[None]:
+    """The runners here share one kernel network; it and its rules leave with the module."""
+    yield
+    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+        docker.from_env().networks.get(NETWORK).remove()
+    KernelFirewall(BRIDGE, egress=True).remove()
+
+
 @pytest.fixture
 async def runner(tmp_path: Path, docker_engine: Any) -> AsyncIterator[Runner]:
     r = Runner(tmp_path, "test-runner", "31960-31979")
