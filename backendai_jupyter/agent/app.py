@@ -32,7 +32,7 @@ from ..common.wire import (
 )
 from .accelerators.base import AcceleratorPlugin, load_plugins
 from .backends.base import BackendError
-from .backends.docker import DockerBackend
+from .backends.docker import ContainerPolicy, DockerBackend
 from .kernels import KernelRunner
 from .ports import PortPool
 
@@ -122,16 +122,84 @@ class Agent(LoggingConfigurable):
 
     cpu = Unicode("", help="CPU cores to offer; all of the host's when empty.").tag(config=True)
     mem = Unicode("", help="Memory to offer (e.g. '8g'); the host's total when empty.").tag(config=True)
-    kernel_user = Unicode("1000:1000", help="uid:gid kernels run as; never root.").tag(config=True)
+    kernel_user = Unicode(
+        "1000:1000", help="Numeric uid:gid kernels run as (it owns their home tmpfs); never root."
+    ).tag(config=True)
 
     @validate("kernel_user")
     def _not_root(self, proposal: Any) -> str:
-        uid = proposal["value"].split(":")[0]
+        uid, _, gid = proposal["value"].partition(":")
         if uid in ("0", "root", ""):
             raise ValueError("kernels must not run as root")
+        if not (uid.isdigit() and (gid or uid).isdigit()):
+            raise ValueError(
+                f"kernel_user must be a numeric uid:gid such as 1000:1000, got {proposal['value']!r}"
+            )
         return proposal["value"]
 
     pids_limit = Int(1024, help="Most processes a kernel container may have.").tag(config=True)
+
+    @validate("pids_limit")
+    def _positive_pids(self, proposal: Any) -> int:
+        if proposal["value"] <= 0:
+            raise ValueError("pids_limit must be positive: Docker reads 0 as no limit (a fork bomb away)")
+        return int(proposal["value"])
+
+    kernel_home = Unicode(
+        "/home/work",
+        help="Home directory of the kernel user in the images. It is a private tmpfs (the root "
+        "filesystem is read-only), and HOME, IPYTHONDIR, MPLCONFIGDIR and XDG_* point into it.",
+    ).tag(config=True)
+    kernel_home_size = Unicode("1g", help="Size limit of a kernel's home tmpfs (counts as its memory).").tag(
+        config=True
+    )
+    kernel_tmp_size = Unicode("512m", help="Size limit of a kernel's /tmp tmpfs (counts as its memory).").tag(
+        config=True
+    )
+    kernel_log_max_size = Unicode("10m", help="Size at which a kernel's container log is rotated.").tag(
+        config=True
+    )
+    kernel_log_max_files = Int(3, help="Rotated container log files kept per kernel.").tag(config=True)
+    kernel_network = Unicode(
+        help="Docker bridge network for kernels, created with inter-container traffic off so kernels "
+        "cannot reach each other (env BACKENDAI_KERNEL_NETWORK)."
+    ).tag(config=True)
+
+    @default("kernel_network")
+    def _kernel_network_default(self) -> str:
+        return os.environ.get("BACKENDAI_KERNEL_NETWORK", "backendai-kernels")
+
+    kernel_bridge = Unicode(
+        help="Host interface name of that network's bridge (15 characters at most); the firewall "
+        "rules match on it (env BACKENDAI_KERNEL_BRIDGE)."
+    ).tag(config=True)
+
+    @default("kernel_bridge")
+    def _kernel_bridge_default(self) -> str:
+        return os.environ.get("BACKENDAI_KERNEL_BRIDGE", "bai-kernels0")
+
+    @validate("kernel_bridge")
+    def _valid_bridge(self, proposal: Any) -> str:
+        name = proposal["value"]
+        if not (0 < len(name) <= 15) or not all(c.isalnum() or c in "-_." for c in name):
+            raise ValueError(f"kernel_bridge must be an interface name of 1-15 characters, got {name!r}")
+        return str(name)
+
+    kernel_egress = Bool(
+        help="Whether kernels may open connections beyond this host (the internet, other hosts). "
+        "They never reach this host's own services nor 169.254.0.0/16 (env BACKENDAI_KERNEL_EGRESS: "
+        "allow or deny)."
+    ).tag(config=True)
+
+    @default("kernel_egress")
+    def _kernel_egress_default(self) -> bool:
+        return os.environ.get("BACKENDAI_KERNEL_EGRESS", "allow").lower() not in ("deny", "0", "false", "no")
+
+    allow_unencrypted_kernels = Bool(
+        False,
+        help='Start kernels whose image declares no CurveZMQ support ("encryption": false in its kernel '
+        "label). Their channels are plaintext: anyone who reaches their ports can read and drive them.",
+    ).tag(config=True)
     accelerators = List(
         Unicode(),
         ["cuda"],
@@ -193,7 +261,19 @@ class Agent(LoggingConfigurable):
             self.devices += found
             note = f"; {plugin.sharing_note}" if plugin.sharing_note else ""
             log.info("%s: %d device(s)%s", type(plugin).__name__, len(found), note)
-        self.backend = DockerBackend(self.agent_id, bind_host, self.kernel_user, self.pids_limit)
+        policy = ContainerPolicy(
+            kernel_user=self.kernel_user,
+            home=self.kernel_home,
+            home_size=self.kernel_home_size,
+            tmp_size=self.kernel_tmp_size,
+            pids_limit=self.pids_limit,
+            log_max_size=self.kernel_log_max_size,
+            log_max_files=self.kernel_log_max_files,
+            network=self.kernel_network,
+            bridge=self.kernel_bridge,
+            egress=self.kernel_egress,
+        )
+        self.backend = DockerBackend(self.agent_id, bind_host, policy)
         self.runner = KernelRunner(
             self.backend,
             PortPool(low, high, bind_host),
@@ -203,6 +283,7 @@ class Agent(LoggingConfigurable):
             self._report,
             {p.key: p for p in self.plugins},
             self.devices,
+            allow_unencrypted=self.allow_unencrypted_kernels,
         )
         await self.runner.start()
         self._ws: websocket.WebSocketClientConnection | None = None
