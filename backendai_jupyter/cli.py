@@ -2,146 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import signal
 import sys
-from pathlib import Path
-from typing import Any
 
-from jupyter_core.application import JupyterApp, base_aliases
-from traitlets import Bool, Unicode, default
+from traitlets import Bool, Unicode
 from traitlets.config import Application
 
 from . import __version__
-from .agent.app import Agent
 from .common.clientconfig import ClientConfig, default_path
-from .gateway.app import Gateway
-
-
-class _Service(JupyterApp):
-    """Common base for the long-running subcommands.
-
-    Options come from the command line, from ``--config=FILE``, and from
-    ``backendai_jupyter_config.py`` (or ``.json``) in Jupyter's config path
-    (``jupyter --paths``), so operators can keep them in a file.
-    """
-
-    config_file_name = Unicode("backendai_jupyter_config", help="Config file name (without extension).")
-
-    @default("log_level")
-    def _log_level_default(self) -> int:
-        return logging.INFO
-
-    @default("log_format")
-    def _log_format_default(self) -> str:
-        return "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-    def _run_until_signal(self, start: Any, stop: Any) -> None:
-        async def main() -> None:
-            stopping = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            try:
-                await start()
-            except Exception as e:
-                self.log.error("%s", e)
-                raise SystemExit(1) from None
-            # After start: what starts may install handlers of its own (jupyter_server does).
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stopping.set)
-            await stopping.wait()
-            self.log.info("stopping ...")
-            await stop()
-
-        logging.basicConfig(level=self.log_level, format=self.log_format)
-        logging.getLogger("tornado.access").setLevel(logging.WARNING)
-        asyncio.run(main())
-
-
-class GatewayApp(_Service):
-    name = "backendai-jupyter gateway"
-    description = "Run the gateway (manager + API): REST /v1, the scheduler, the agent registry."
-    classes = [Gateway]
-    aliases = {
-        **base_aliases,
-        "ip": "Gateway.ip",
-        "port": "Gateway.port",
-        "data-dir": "Gateway.data_dir",
-        "db-url": "Gateway.db_url",
-    }
-
-    def start(self) -> None:
-        gw = Gateway(parent=self)
-
-        async def start() -> None:
-            await gw.start()
-            print(f"gateway ready at {gw.url}", flush=True)
-
-        self._run_until_signal(start, gw.stop)
-
-
-class AgentApp(_Service):
-    name = "backendai-jupyter agent"
-    description = "Run an agent: start kernel containers on this host for the gateway."
-    classes = [Agent]
-    aliases = {
-        **base_aliases,
-        "gateway-url": "Agent.gateway_url",
-        "id": "Agent.agent_id",
-        "host": "Agent.advertised_host",
-        "port-range": "Agent.port_range",
-        "state-dir": "Agent.state_dir",
-        "cpu": "Agent.cpu",
-        "mem": "Agent.mem",
-    }
-
-    def start(self) -> None:
-        agent = Agent(parent=self)
-        self._run_until_signal(agent.start, agent.stop)
-
-
-class UpApp(_Service):
-    name = "backendai-jupyter up"
-    description = "Run the gateway and one local agent (embedded SQLite), and write the client config."
-    classes = [Gateway, Agent]
-    aliases = {
-        **base_aliases,
-        "port": "Gateway.port",
-        "data-dir": "Gateway.data_dir",
-        "client-config": "UpApp.client_config",
-    }
-    client_config = Unicode(
-        help="Where to write the client config; <jupyter config dir>/backendai_client.json when empty "
-        "(env BACKENDAI_CLIENT_CONFIG)."
-    ).tag(config=True)
-
-    def start(self) -> None:
-        gw = Gateway(parent=self)
-        agent = Agent(parent=self)
-
-        async def start() -> None:
-            await gw.start()
-            agent.gateway_url = gw.url
-            agent.agent_token = gw.agent_token
-            agent.destroy_kernels_on_exit = True
-            if not agent.state_dir or agent.state_dir == agent.trait_defaults("state_dir"):
-                agent.state_dir = f"{gw.data_dir}/agent"
-            await agent.start()
-            await agent.wait_registered()
-            admin = gw.admin_credentials()
-            path = ClientConfig(
-                gw.url, admin["access_key"], admin["secret_key"], admin.get("token", "")
-            ).save(Path(self.client_config) if self.client_config else default_path())
-            print(f"backendai-jupyter is up: gateway {gw.url}, agent {agent.agent_id}", flush=True)
-            print(f"client config: {path}", flush=True)
-            print("Press Ctrl-C to stop (kernels it started are shut down).", flush=True)
-
-        async def stop() -> None:
-            await agent.stop()
-            await gw.stop()
-
-        self._run_until_signal(start, stop)
 
 
 class StatusApp(Application):
@@ -201,6 +69,20 @@ class StatusApp(Application):
 
 def _gib(value: str) -> str:
     return f"{int(value) / 2**30:.1f}"
+
+
+class CertsApp(Application):
+    name = "backendai-jupyter certs"
+    description = "Make a private CA and the gateway's TLS certificate (certs create --dir DIR --host NAME)."
+
+    def parse_command_line(self, argv: list[str] | None = None) -> None:
+        # Everything after `certs` belongs to its own argument parser (--host repeats).
+        self.extra_args = list(argv if argv is not None else sys.argv[1:])
+
+    def start(self) -> None:
+        from .certs import main
+
+        self.exit(main(self.extra_args))
 
 
 class KernelspecsInstallApp(Application):
@@ -278,13 +160,25 @@ class BackendAIJupyterApp(Application):
     version = __version__
     description = "Jupyter kernels in containers on GPU agents, placed by a gateway."
     subcommands = {
-        "up": (UpApp, UpApp.description),
-        "gateway": (GatewayApp, GatewayApp.description),
-        "agent": (AgentApp, AgentApp.description),
+        # The long-running commands are imported only when run: an agent host never pays for
+        # importing the gateway (jupyter_server and its JSON-schema machinery take seconds).
+        "up": (
+            "backendai_jupyter.up.UpApp",
+            "Run the gateway and one local agent (embedded SQLite), and write the client config.",
+        ),
+        "gateway": (
+            "backendai_jupyter.gateway.cli.GatewayApp",
+            "Run the gateway (manager + API): REST /v1, the scheduler, the agent registry.",
+        ),
+        "agent": (
+            "backendai_jupyter.agent.cli.AgentApp",
+            "Run an agent: start kernel containers on this host for the gateway.",
+        ),
         "status": (StatusApp, StatusApp.description),
         "kernelspecs": (KernelspecsApp, KernelspecsApp.description),
         "images": (ImagesApp, ImagesApp.description),
         "admin": (AdminApp, AdminApp.description),
+        "certs": (CertsApp, CertsApp.description),
     }
 
     def start(self) -> None:

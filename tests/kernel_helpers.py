@@ -33,11 +33,16 @@ def stdout(outputs: list[dict[str, Any]]) -> str:
 
 
 def execute_over_websocket(
-    url: str, code: str, headers: dict[str, str] | None = None, subprotocol: str | None = None
+    url: str,
+    code: str,
+    headers: dict[str, str] | None = None,
+    subprotocol: str | None = None,
+    ca_file: str = "",
 ) -> str:
     """Run ``code`` through a kernel's channels websocket (as JupyterLab or VS Code do); stdout."""
     import asyncio
     import json
+    import ssl
     import uuid
 
     from jupyter_server.services.kernels.connection.base import (
@@ -47,7 +52,10 @@ def execute_over_websocket(
     from tornado import httpclient, websocket
 
     async def go() -> str:
-        req = httpclient.HTTPRequest(url.replace("http", "ws", 1), headers=headers or {})
+        ssl_options = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        req = httpclient.HTTPRequest(
+            url.replace("http", "ws", 1), headers=headers or {}, ssl_options=ssl_options
+        )
         conn = await websocket.websocket_connect(req, subprotocols=[subprotocol] if subprotocol else None)
         msg_id = uuid.uuid4().hex
         msg = {

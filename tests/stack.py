@@ -79,7 +79,12 @@ class Api:
         if sign:
             headers.update(signing.sign(self.config.access_key, self.config.secret_key, method, path, data))
         return requests.request(
-            method, self.config.url + path, data=data or None, headers=headers, timeout=60
+            method,
+            self.config.url + path,
+            data=data or None,
+            headers=headers,
+            timeout=60,
+            verify=self.config.ca_file or True,
         )
 
     def __call__(self, method: str, path: str, body: Any = None) -> Any:
@@ -207,18 +212,40 @@ def _answers(url: str) -> bool:
         return False
 
 
-class Cluster:
-    """A gateway and an agent as separate processes, the way several hosts would run them."""
+def make_certs(directory: Path, *hosts: str) -> Path:
+    """A private CA and gateway certificate from `backendai-jupyter certs create`."""
+    cmd = [BAI, "certs", "create", "--dir", str(directory), *(a for h in hosts for a in ("--host", h))]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return directory
 
-    def __init__(self, tmp: Path, agent_id: str, port_range: str, *gateway_args: str) -> None:
+
+class Cluster:
+    """A gateway and an agent as separate processes, the way several hosts would run them.
+
+    With ``tls=True`` the gateway serves HTTPS with a certificate from ``certs create`` (in
+    ``tmp/certs``), and agents and the admin client trust its CA.
+    """
+
+    def __init__(
+        self, tmp: Path, agent_id: str, port_range: str, *gateway_args: str, tls: bool = False
+    ) -> None:
         self.tmp, self.agent_id, self.port_range = tmp, agent_id, port_range
-        self.gateway_args = gateway_args
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ca_file = ""
+        if tls:
+            certs = make_certs(tmp / "certs")
+            self.ca_file = str(certs / "ca.pem")
+            gateway_args = (
+                f"--Gateway.certfile={certs / 'gateway.pem'}",
+                f"--Gateway.keyfile={certs / 'gateway-key.pem'}",
+                *gateway_args,
+            )
+        self.gateway_args = gateway_args
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.gateway_runs = 0
         self.start_gateway()
         keys = json.loads((tmp / "gw" / "admin-keypair.json").read_text())
-        self.api = Api(ClientConfig(self.url, keys["access_key"], keys["secret_key"]))
+        self.api = Api(ClientConfig(self.url, keys["access_key"], keys["secret_key"], ca_file=self.ca_file))
         self.agent: subprocess.Popen[str] | None = None
         self.agent_runs = 0
         self.others: dict[str, subprocess.Popen[str]] = {}
@@ -248,9 +275,10 @@ class Cluster:
         self.agent = self._agent(self.agent_id, self.port_range, "agent", f"agent{self.agent_runs}.log")
 
     def _agent(
-        self, agent_id: str, port_range: str, state: str, log_name: str, *args: str
+        self, agent_id: str, port_range: str, state: str, log_name: str, *args: str, wait: bool = True
     ) -> subprocess.Popen[str]:
         log = self.tmp / log_name
+        own_ca = (a.startswith("--Agent.ca_file=") for a in args)  # a test's own CA wins
         env = {**os.environ, "BACKENDAI_AGENT_TOKEN": (self.tmp / "gw" / "agent-token").read_text()}
         cmd = [
             BAI,
@@ -259,19 +287,25 @@ class Cluster:
             f"--id={agent_id}",
             f"--port-range={port_range}",
             f"--state-dir={self.tmp / state}",
+            *([f"--Agent.ca_file={self.ca_file}"] if self.ca_file and not any(own_ca) else []),
             *args,
         ]
         proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env)
-        wait_for_line(proc, log, "registered with the gateway")
+        if wait:
+            wait_for_line(proc, log, "registered with the gateway")
         return proc
 
     def agent_status(self) -> str:
         agents = self.api("GET", "/v1/agents")["agents"]
         return next((a["status"] for a in agents if a["id"] == self.agent_id), "")
 
-    def add_agent(self, agent_id: str, port_range: str, *args: str) -> subprocess.Popen[str]:
-        """Another agent process with its own id, ports and state directory."""
-        proc = self._agent(agent_id, port_range, f"agent-{agent_id}", f"agent-{agent_id}.log", *args)
+    def add_agent(
+        self, agent_id: str, port_range: str, *args: str, wait: bool = True
+    ) -> subprocess.Popen[str]:
+        """Another agent process with its own id, ports and state directory (log: agent-ID.log)."""
+        proc = self._agent(
+            agent_id, port_range, f"agent-{agent_id}", f"agent-{agent_id}.log", *args, wait=wait
+        )
         self.others[agent_id] = proc
         return proc
 

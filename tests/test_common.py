@@ -36,21 +36,34 @@ def test_clamp_and_shortfall():
     assert req.shortfall(ResourceSlot.parse({"cpu": 16, "mem": "8g"})) == ["mem"]
 
 
-def test_signature_covers_method_path_and_body():
+def test_signature_covers_method_path_body_and_nonce():
     ak, sk = signing.new_keypair()
     h = signing.sign(ak, sk, "POST", "/v1/sessions", b'{"image": "x"}')
     got_ak, sig = signing.parse_authorization(h["Authorization"])
     assert got_ak == ak
-    signing.verify(sk, sig, "POST", "/v1/sessions", h[signing.DATE_HEADER], b'{"image": "x"}')
-    for method, path, body in [
-        ("DELETE", "/v1/sessions", b'{"image": "x"}'),
-        ("POST", "/v1/agents", b'{"image": "x"}'),
-        ("POST", "/v1/sessions", b'{"image": "y"}'),
+    date, nonce = h[signing.DATE_HEADER], h[signing.NONCE_HEADER]
+    signing.verify(sk, sig, "POST", "/v1/sessions", date, b'{"image": "x"}', nonce)
+    for method, path, body, n in [
+        ("DELETE", "/v1/sessions", b'{"image": "x"}', nonce),
+        ("POST", "/v1/agents", b'{"image": "x"}', nonce),
+        ("POST", "/v1/sessions", b'{"image": "y"}', nonce),
+        ("POST", "/v1/sessions", b'{"image": "x"}', signing.new_nonce()),
     ]:
         with pytest.raises(signing.SignatureError):
-            signing.verify(sk, sig, method, path, h[signing.DATE_HEADER], body)
+            signing.verify(sk, sig, method, path, date, body, n)
     with pytest.raises(signing.SignatureError):
-        signing.verify("other-secret", sig, "POST", "/v1/sessions", h[signing.DATE_HEADER], b'{"image": "x"}')
+        signing.verify("other-secret", sig, "POST", "/v1/sessions", date, b'{"image": "x"}', nonce)
+
+
+def test_each_signing_makes_a_new_nonce_and_one_is_required():
+    ak, sk = signing.new_keypair()
+    first, second = (signing.sign(ak, sk, "GET", "/v1/sessions") for _ in range(2))
+    assert first[signing.NONCE_HEADER] != second[signing.NONCE_HEADER]
+    _, sig = signing.parse_authorization(first["Authorization"])
+    with pytest.raises(signing.SignatureError, match="Nonce is missing"):
+        signing.verify(sk, sig, "GET", "/v1/sessions", first[signing.DATE_HEADER], b"", "")
+    with pytest.raises(signing.SignatureError, match="URL-safe"):
+        signing.verify(sk, sig, "GET", "/v1/sessions", first[signing.DATE_HEADER], b"", "short")
 
 
 def test_stale_dates_are_refused():
@@ -58,7 +71,9 @@ def test_stale_dates_are_refused():
     h = signing.sign(ak, sk, "GET", "/v1/sessions")
     _, sig = signing.parse_authorization(h["Authorization"])
     with pytest.raises(signing.SignatureError, match="5 minutes"):
-        signing.verify(sk, sig, "GET", "/v1/sessions", "2020-01-01T00:00:00+00:00", b"")
+        signing.verify(
+            sk, sig, "GET", "/v1/sessions", "2020-01-01T00:00:00+00:00", b"", h[signing.NONCE_HEADER]
+        )
 
 
 def test_states_only_move_forward():

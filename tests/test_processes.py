@@ -38,12 +38,12 @@ def test_ctrl_c_on_up_shuts_down_its_kernels_and_exits_cleanly(tmp_path: Path, d
         sids = [s.api("POST", "/v1/sessions", {"image": IMAGE})["id"] for _ in range(2)]
         models = [s.api.wait_state(sid, {"RUNNING"}) for sid in sids]
         assert len(s.containers()) == 2
-        ports = [v for m in models for k, v in m["connection"].items() if k.endswith("_port")]
+        held = [v for m in models for k, v in m["connection"].items() if k.endswith("_port")]
         start = time.monotonic()
         assert s.stop(signal.SIGINT) == 0
         assert time.monotonic() - start < 15
         assert s.containers() == []
-        assert all(port_is_free(p) for p in ports)
+        assert all(port_is_free(p) for p in held)
     finally:
         s.stop(signal.SIGKILL)
         remove_containers(aid("test-ctrl-c"))

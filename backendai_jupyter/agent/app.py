@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..common.errors import ApiError
 from ..common.slots import ResourceSlot
+from ..common.tls import ENV_CA_FILE, ca_file_from_env, client_context, untrusted
 from ..common.wire import (
     AGENT_ID_HEADER,
     AGENT_KEY_HEADER,
@@ -30,7 +32,7 @@ from ..common.wire import (
 )
 from .accelerators.base import AcceleratorPlugin, load_plugins
 from .backends.base import BackendError
-from .backends.docker import DockerBackend
+from .backends.docker import ContainerPolicy, DockerBackend
 from .kernels import KernelRunner
 from .ports import PortPool
 
@@ -57,6 +59,15 @@ class Agent(LoggingConfigurable):
     @default("gateway_url")
     def _gateway_url_default(self) -> str:
         return os.environ.get("BACKENDAI_GATEWAY_URL", "http://127.0.0.1:8470")
+
+    ca_file = Unicode(
+        help="PEM file of the CA that signed an https gateway's certificate (the ca.pem of "
+        "`backendai-jupyter certs create`); the system trust store when empty (env BACKENDAI_CA_FILE)."
+    ).tag(config=True)
+
+    @default("ca_file")
+    def _ca_file_default(self) -> str:
+        return ca_file_from_env()
 
     agent_token = Unicode(
         help="The gateway's join token, needed only the first time this agent connects: the gateway "
@@ -111,16 +122,84 @@ class Agent(LoggingConfigurable):
 
     cpu = Unicode("", help="CPU cores to offer; all of the host's when empty.").tag(config=True)
     mem = Unicode("", help="Memory to offer (e.g. '8g'); the host's total when empty.").tag(config=True)
-    kernel_user = Unicode("1000:1000", help="uid:gid kernels run as; never root.").tag(config=True)
+    kernel_user = Unicode(
+        "1000:1000", help="Numeric uid:gid kernels run as (it owns their home tmpfs); never root."
+    ).tag(config=True)
 
     @validate("kernel_user")
     def _not_root(self, proposal: Any) -> str:
-        uid = proposal["value"].split(":")[0]
+        uid, _, gid = proposal["value"].partition(":")
         if uid in ("0", "root", ""):
             raise ValueError("kernels must not run as root")
+        if not (uid.isdigit() and (gid or uid).isdigit()):
+            raise ValueError(
+                f"kernel_user must be a numeric uid:gid such as 1000:1000, got {proposal['value']!r}"
+            )
         return proposal["value"]
 
     pids_limit = Int(1024, help="Most processes a kernel container may have.").tag(config=True)
+
+    @validate("pids_limit")
+    def _positive_pids(self, proposal: Any) -> int:
+        if proposal["value"] <= 0:
+            raise ValueError("pids_limit must be positive: Docker reads 0 as no limit (a fork bomb away)")
+        return int(proposal["value"])
+
+    kernel_home = Unicode(
+        "/home/work",
+        help="Home directory of the kernel user in the images. It is a private tmpfs (the root "
+        "filesystem is read-only), and HOME, IPYTHONDIR, MPLCONFIGDIR and XDG_* point into it.",
+    ).tag(config=True)
+    kernel_home_size = Unicode("1g", help="Size limit of a kernel's home tmpfs (counts as its memory).").tag(
+        config=True
+    )
+    kernel_tmp_size = Unicode("512m", help="Size limit of a kernel's /tmp tmpfs (counts as its memory).").tag(
+        config=True
+    )
+    kernel_log_max_size = Unicode("10m", help="Size at which a kernel's container log is rotated.").tag(
+        config=True
+    )
+    kernel_log_max_files = Int(3, help="Rotated container log files kept per kernel.").tag(config=True)
+    kernel_network = Unicode(
+        help="Docker bridge network for kernels, created with inter-container traffic off so kernels "
+        "cannot reach each other (env BACKENDAI_KERNEL_NETWORK)."
+    ).tag(config=True)
+
+    @default("kernel_network")
+    def _kernel_network_default(self) -> str:
+        return os.environ.get("BACKENDAI_KERNEL_NETWORK", "backendai-kernels")
+
+    kernel_bridge = Unicode(
+        help="Host interface name of that network's bridge (15 characters at most); the firewall "
+        "rules match on it (env BACKENDAI_KERNEL_BRIDGE)."
+    ).tag(config=True)
+
+    @default("kernel_bridge")
+    def _kernel_bridge_default(self) -> str:
+        return os.environ.get("BACKENDAI_KERNEL_BRIDGE", "bai-kernels0")
+
+    @validate("kernel_bridge")
+    def _valid_bridge(self, proposal: Any) -> str:
+        name = proposal["value"]
+        if not (0 < len(name) <= 15) or not all(c.isalnum() or c in "-_." for c in name):
+            raise ValueError(f"kernel_bridge must be an interface name of 1-15 characters, got {name!r}")
+        return str(name)
+
+    kernel_egress = Bool(
+        help="Whether kernels may open connections beyond this host (the internet, other hosts). "
+        "They never reach this host's own services nor 169.254.0.0/16 (env BACKENDAI_KERNEL_EGRESS: "
+        "allow or deny)."
+    ).tag(config=True)
+
+    @default("kernel_egress")
+    def _kernel_egress_default(self) -> bool:
+        return os.environ.get("BACKENDAI_KERNEL_EGRESS", "allow").lower() not in ("deny", "0", "false", "no")
+
+    allow_unencrypted_kernels = Bool(
+        False,
+        help='Start kernels whose image declares no CurveZMQ support ("encryption": false in its kernel '
+        "label). Their channels are plaintext: anyone who reaches their ports can read and drive them.",
+    ).tag(config=True)
     accelerators = List(
         Unicode(),
         ["cuda"],
@@ -167,6 +246,10 @@ class Agent(LoggingConfigurable):
 
     async def start(self) -> None:
         """Connect to the container engine, re-adopt kernels, then keep a link to the gateway."""
+        # A CA file that cannot be read is a configuration error: say so before anything starts.
+        self._ssl: ssl.SSLContext | None = (
+            client_context(self.ca_file, self._ca_setting) if self.gateway_url.startswith("https:") else None
+        )
         low, high = (int(p) for p in self.port_range.split("-"))
         bind_host = self.bind_host or self.advertised_host
         Path(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 (startup)
@@ -178,7 +261,19 @@ class Agent(LoggingConfigurable):
             self.devices += found
             note = f"; {plugin.sharing_note}" if plugin.sharing_note else ""
             log.info("%s: %d device(s)%s", type(plugin).__name__, len(found), note)
-        self.backend = DockerBackend(self.agent_id, bind_host, self.kernel_user, self.pids_limit)
+        policy = ContainerPolicy(
+            kernel_user=self.kernel_user,
+            home=self.kernel_home,
+            home_size=self.kernel_home_size,
+            tmp_size=self.kernel_tmp_size,
+            pids_limit=self.pids_limit,
+            log_max_size=self.kernel_log_max_size,
+            log_max_files=self.kernel_log_max_files,
+            network=self.kernel_network,
+            bridge=self.kernel_bridge,
+            egress=self.kernel_egress,
+        )
+        self.backend = DockerBackend(self.agent_id, bind_host, policy)
         self.runner = KernelRunner(
             self.backend,
             PortPool(low, high, bind_host),
@@ -188,6 +283,7 @@ class Agent(LoggingConfigurable):
             self._report,
             {p.key: p for p in self.plugins},
             self.devices,
+            allow_unencrypted=self.allow_unencrypted_kernels,
         )
         await self.runner.start()
         self._ws: websocket.WebSocketClientConnection | None = None
@@ -227,6 +323,8 @@ class Agent(LoggingConfigurable):
             except websocket.WebSocketClosedError:
                 pass
 
+    _ca_setting = f"--Agent.ca_file (or {ENV_CA_FILE})"
+
     async def _keep_linked(self) -> None:
         delay = 0.2
         url = self.gateway_url.replace("http", "ws", 1).rstrip("/") + AGENT_WS_PATH
@@ -237,7 +335,7 @@ class Agent(LoggingConfigurable):
         # its kernels running with nobody to order them about.
         while True:
             try:
-                req = httpclient.HTTPRequest(url, headers=headers, connect_timeout=10)
+                req = httpclient.HTTPRequest(url, headers=headers, connect_timeout=10, ssl_options=self._ssl)
                 self._ws = await websocket.websocket_connect(req, ping_interval=20)
                 self._ws.stream.set_nodelay(True)
                 delay = 0.2
@@ -250,6 +348,9 @@ class Agent(LoggingConfigurable):
                     log.error("the gateway refused this agent: %s", reason)
                 else:
                     log.warning("gateway at %s: %s", self.gateway_url, reason)
+            except ssl.SSLCertVerificationError as e:
+                # Retry all the same: the gateway may be mid-way through a certificate change.
+                log.error("%s", untrusted(self.gateway_url, self.ca_file, self._ca_setting, e).title)
             except OSError as e:
                 log.warning("cannot reach the gateway at %s (%s); retrying", self.gateway_url, e)
             except Exception:

@@ -16,6 +16,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import zmq
+
+from ..common.kernelenv import is_denied
 from ..common.states import SessionState
 from ..common.wire import CreateKernel, Device, ImageInfo, KernelReport
 from .accelerators.base import AcceleratorPlugin, ContainerArgs
@@ -40,10 +43,14 @@ class Kernel:
     order: CreateKernel
     host_ports: dict[str, int] = field(default_factory=dict)
     key: str = ""
+    # CurveZMQ keypair the kernel's sockets serve with (Z85); empty for an unencrypted kernel.
+    curve_public: str = ""
+    curve_secret: str = ""
     container_id: str | None = None
     state: SessionState = SessionState.PREPARING
     connection: dict[str, Any] | None = None
     ending: bool = False  # the agent itself is removing it: its exit is expected
+    destroyed: bool = False  # an order ended it: nothing may start a container for it again
     task: asyncio.Task[None] | None = None
 
 
@@ -60,7 +67,10 @@ class KernelRunner:
         report: Report,
         plugins: dict[str, AcceleratorPlugin] | None = None,
         devices: list[Device] | None = None,
+        *,
+        allow_unencrypted: bool = False,
     ) -> None:
+        self.allow_unencrypted = allow_unencrypted
         self.plugins = plugins or {}
         self.devices = devices or []
         self.backend = backend
@@ -79,9 +89,16 @@ class KernelRunner:
     async def start(self) -> None:
         """Find images, re-adopt kernels left running, and watch for kernels that exit."""
         self._loop = asyncio.get_running_loop()
+        if not zmq.has("curve") and not self.allow_unencrypted:
+            raise BackendError(
+                "this agent's pyzmq has no CurveZMQ, so kernel channels cannot be encrypted: install a "
+                "pyzmq wheel (they bundle libsodium), or accept plaintext channels with "
+                "--Agent.allow_unencrypted_kernels=True"
+            )
+        await self.backend.prepare()
         await self.refresh_images()
         await self._recover()
-        self.backend.watch_exits(self._exit_from_thread)
+        self.backend.watch_exits(self._exit_from_thread, self._resync_from_thread)
 
     async def refresh_images(self) -> list[ImageInfo]:
         images = await self.backend.list_images()
@@ -101,6 +118,8 @@ class KernelRunner:
                     order=CreateKernel.from_json(order),
                     host_ports=found.host_ports,
                     key=connection["key"],
+                    curve_public=connection.get("curve_publickey", ""),
+                    curve_secret=connection.get("curve_secretkey", ""),
                     container_id=found.container_id,
                     state=SessionState.RUNNING,
                     connection=connection,
@@ -148,6 +167,8 @@ class KernelRunner:
             self._set(k, SessionState.PREPARING, "allocating ports and writing the connection file")
             if not k.host_ports:
                 k.host_ports, k.key = self._ports_and_key(k.order.reuse)
+            if not k.curve_public and self._encrypts(k.order.image):
+                k.curve_public, k.curve_secret = _curve_keys(k.order.reuse)
             self._write_files(k)
             self._set(k, SessionState.CREATING, "starting the container")
             argv = [
@@ -156,9 +177,13 @@ class KernelRunner:
             ]
             if not argv:
                 raise BackendError(f"image {k.order.image} declares no kernel command")
-            env = {**k.order.env, "BACKENDAI_SESSION_ID": sid}
+            env = self._user_env(k.order)
+            env["BACKENDAI_SESSION_ID"] = sid
             extra = self._device_args(k.order)
             env.update(extra.env)
+            # Where NVIDIA is Docker's default runtime, and in CUDA images (NVIDIA_VISIBLE_DEVICES=all
+            # baked in), a container without a GPU allocation would otherwise see every GPU.
+            env.setdefault("NVIDIA_VISIBLE_DEVICES", "void")
             launch = KernelLaunch(
                 session_id=sid,
                 image=k.order.image,
@@ -188,6 +213,27 @@ class KernelRunner:
             await self._remove(k)
             self._set(k, SessionState.ERROR, detail)
 
+    def _user_env(self, order: CreateKernel) -> dict[str, str]:
+        """The order's environment without what only the agent may set (the gateway refuses it too)."""
+        dropped = sorted(name for name in order.env if is_denied(name))
+        if dropped:
+            log.warning("session %s: dropped reserved variables %s", order.session_id, ", ".join(dropped))
+        return {name: value for name, value in order.env.items() if not is_denied(name)}
+
+    def _encrypts(self, image: str) -> bool:
+        """Whether the image's kernel serves CurveZMQ; refuse a plaintext one unless allowed."""
+        declared = self.images[image].kernel.get("encryption", True)
+        if declared and zmq.has("curve"):
+            return True
+        if not self.allow_unencrypted:
+            raise BackendError(
+                f'image {image} declares no CurveZMQ support ("encryption": false in its kernel '
+                "label): anyone who reaches its ports could read and drive it. Use an image whose "
+                "kernel speaks CurveZMQ (ipykernel >= 7), or let this agent run plaintext kernels "
+                "with --Agent.allow_unencrypted_kernels=True"
+            )
+        return False
+
     def _ports_and_key(self, reuse: dict[str, Any] | None) -> tuple[dict[str, int], str]:
         """The ports and key asked for (a restart's, a launcher's key) where possible, else new ones."""
         key = str(reuse["key"]) if reuse and reuse.get("key") else uuid.uuid4().hex
@@ -215,19 +261,35 @@ class KernelRunner:
         return merged
 
     def _client_connection(self, k: Kernel) -> dict[str, Any]:
-        return {
+        """What the session's owner gets: where the kernel is, its HMAC key and its curve keys.
+
+        jupyter_client (8.10) turns CurveZMQ on only when a connection carries both halves of the
+        keypair, and its sockets then use that keypair as their own while trusting its public half
+        as the server's (``ConnectionFileMixin._create_connected_socket``). So the owner needs the
+        secret half too, exactly like the HMAC key: both are per-kernel credentials shown only to
+        the session's owner. What curve buys is that nobody without them (another kernel, a host
+        user, anyone on the path) can subscribe to the kernel's IOPub or read its traffic.
+        """
+        conn: dict[str, Any] = {
             "ip": self.advertised_host,
             "transport": "tcp",
             "signature_scheme": "hmac-sha256",
             "key": k.key,
             **{f"{ch}_port": port for ch, port in k.host_ports.items()},
+            "encryption": "curve" if k.curve_public else "none",
         }
+        if k.curve_public:
+            conn["curve_publickey"] = k.curve_public
+            conn["curve_secretkey"] = k.curve_secret
+        return conn
 
     def _write_files(self, k: Kernel) -> None:
         d = self._kernel_dir(k.order.session_id)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # The kernel sees its own ports and listens on all interfaces inside its container.
-        kernel_view = {
+        # The kernel sees its own ports and listens on all interfaces inside its container: the
+        # published ports need that, other kernels cannot reach it (ICC off on the kernel network)
+        # and whoever can has to speak CurveZMQ with its key.
+        kernel_view: dict[str, Any] = {
             "ip": "0.0.0.0",
             "transport": "tcp",
             "signature_scheme": "hmac-sha256",
@@ -235,6 +297,9 @@ class KernelRunner:
             "kernel_name": "",
             **{f"{ch}_port": port for ch, port in CONTAINER_PORTS.items()},
         }
+        if k.curve_public:
+            kernel_view["curve_publickey"] = k.curve_public
+            kernel_view["curve_secretkey"] = k.curve_secret
         # The kernel runs as an unprivileged user: the file must be readable inside; the
         # directory above it (0700) keeps other host users out.
         _write(d / "kernel.json", kernel_view, 0o644)
@@ -247,6 +312,7 @@ class KernelRunner:
         if k is None:
             self._ended.append(sid)  # an order to start it may still be on its way
             return {"removed": False}
+        k.destroyed = True  # a restart in progress must not start a container after this
         await _stop_launch(k)
         await self._remove(k)
         self._set(k, SessionState.TERMINATED, "shut down")
@@ -274,10 +340,23 @@ class KernelRunner:
             raise BackendError(f"no kernel {order.session_id} on this agent")
         await _stop_launch(k)
         await self._remove(k, keep_ports=True)
+        # An order to end the kernel may have landed during those awaits: it removed the old
+        # container and freed the ports, and starting a new one now would leave it orphaned.
+        if k.destroyed:
+            raise BackendError("the kernel was shut down during its restart")
         k.container_id = None
         k.ending = False
         k.order.env = order.env or k.order.env
-        await self._launch(k, restarted=True)
+        # The new launch is the kernel's task, so an end order arriving from here on cancels it
+        # and the backend removes a container it was creating (see _stop_launch).
+        k.task = asyncio.ensure_future(self._launch(k, restarted=True))
+        try:
+            await asyncio.shield(k.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            raise BackendError("the kernel was shut down during its restart") from None
         if k.state != SessionState.RUNNING:
             raise BackendError("the kernel did not come back after the restart")
         return {}
@@ -286,6 +365,22 @@ class KernelRunner:
         await asyncio.gather(*(self.destroy(sid) for sid in list(self.kernels)))
 
     # -- kernels that end on their own ---------------------------------------------------------
+
+    def _resync_from_thread(self) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._resync()))
+
+    async def _resync(self) -> None:
+        """After missed events: every kernel whose container no longer runs has ended."""
+        try:
+            running = {r.container_id for r in await self.backend.recover() if r.running}
+        except Exception as e:  # the engine went away again: the next reconnect checks again
+            log.warning("could not list kernel containers after reconnecting to the engine: %s", e)
+            return
+        for sid, k in list(self.kernels.items()):
+            if k.state == SessionState.RUNNING and k.container_id and k.container_id not in running:
+                log.info("kernel %s ended while Docker events were not followed", sid)
+                await self._exited(sid, -1, k.container_id)
 
     def _exit_from_thread(self, sid: str, exit_code: int, container_id: str) -> None:
         assert self._loop is not None
@@ -319,6 +414,14 @@ class KernelRunner:
         if state.is_terminal:
             self.kernels.pop(k.order.session_id, None)
         self.report(KernelReport(k.order.session_id, state, reason, **extra))
+
+
+def _curve_keys(reuse: dict[str, Any] | None) -> tuple[str, str]:
+    """A restart's keypair (clients keep theirs), else a new one for this kernel."""
+    if reuse and reuse.get("curve_publickey") and reuse.get("curve_secretkey"):
+        return str(reuse["curve_publickey"]), str(reuse["curve_secretkey"])
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
 
 
 def _write(path: Path, data: dict[str, Any], mode: int) -> None:

@@ -3,6 +3,7 @@
 With published ports, a TCP connect succeeds against the port proxy before the kernel
 listens, and a client that does not wait for IOPub loses the output of its first execute.
 So: keep asking kernel_info on shell until a reply comes and an IOPub message has arrived.
+An encrypted kernel is probed the way its clients talk to it, over CurveZMQ.
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ class KernelNotReady(Exception):
     """The kernel did not become ready in time."""
 
 
+def use_curve(sock: zmq.Socket[Any], connection: dict[str, Any]) -> None:
+    """Make ``sock`` a CurveZMQ client of the kernel when it serves curve (a throwaway keypair
+    of our own; the kernel's public key authenticates it)."""
+    server_key = connection.get("curve_publickey")
+    if not server_key:
+        return
+    public, secret = zmq.curve_keypair()
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = server_key.encode("ascii") if isinstance(server_key, str) else server_key
+
+
 async def wait_until_ready(connection: dict[str, Any], timeout: float) -> float:
     """Return the seconds it took; raise :class:`KernelNotReady` on timeout."""
     ctx = zmq.asyncio.Context.instance()
@@ -30,6 +43,7 @@ async def wait_until_ready(connection: dict[str, Any], timeout: float) -> float:
     iopub = ctx.socket(zmq.SUB)
     for sock in (shell, iopub):
         sock.linger = 0
+        use_curve(sock, connection)
         # The default 100 ms reconnect interval would add up to 100 ms to every launch.
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
     iopub.setsockopt(zmq.SUBSCRIBE, b"")

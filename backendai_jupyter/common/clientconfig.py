@@ -2,6 +2,8 @@
 
 ``backendai-jupyter up`` writes it; the provisioner, the server extension and the CLI read
 it. Its place is ``$BACKENDAI_CLIENT_CONFIG`` or ``<jupyter config dir>/backendai_client.json``.
+Its ``ca_file`` names the CA to verify an https gateway with (``$BACKENDAI_CA_FILE`` overrides
+it; empty: the system trust store).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .tls import ca_file_from_env
 
 ENV_PATH = "BACKENDAI_CLIENT_CONFIG"
 
@@ -31,6 +35,7 @@ class ClientConfig:
     access_key: str
     secret_key: str
     token: str = ""  # for token clients, e.g. `jupyter lab --gateway-url=... --GatewayClient.auth_token=...`
+    ca_file: str = ""  # PEM CA bundle that signed an https gateway's certificate; "": system store
 
     def save(self, path: Path | None = None) -> Path:
         """Write the file readable by its owner only (it holds a secret)."""
@@ -56,4 +61,5 @@ class ClientConfig:
             access_key=data["access_key"],
             secret_key=data["secret_key"],
             token=data.get("token", ""),
+            ca_file=ca_file_from_env() or data.get("ca_file", ""),
         )

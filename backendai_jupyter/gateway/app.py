@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import os
 import secrets
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from traitlets.config import LoggingConfigurable
 from .. import __version__
 from ..common.errors import ApiError
 from ..common.slots import ResourceSlot, SlotError
+from ..common.tls import MIN_VERSION, ca_file_from_env
 from ..common.wire import AGENT_WS_PATH
 from . import db as dbmod
 from .agent_auth import AgentAuthenticator
@@ -42,6 +45,7 @@ from .handlers.sessions import (
     SignalHandler,
 )
 from .jupyter_api import jupyter_handlers_and_settings
+from .replay import NonceCache
 from .requests import ResourceRules
 from .sessions import SessionService
 
@@ -81,6 +85,20 @@ def openapi_spec() -> dict[str, Any]:
     return yaml.safe_load((Path(__file__).parent / "openapi.yaml").read_text())
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only reaches this host (``""``, ``0.0.0.0`` and ``::`` reach all)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to may be reachable from elsewhere
+
+
+class InsecureBind(Exception):
+    """A non-loopback address without TLS, not explicitly allowed."""
+
+
 def _slots_trait(value: dict[str, Any], name: str) -> dict[str, Any]:
     try:
         ResourceSlot.parse(value)
@@ -112,6 +130,50 @@ class Gateway(LoggingConfigurable):
     @default("public_url")
     def _public_url_default(self) -> str:
         return os.environ.get("BACKENDAI_GATEWAY_URL", "")
+
+    certfile = Unicode(
+        help="PEM certificate (chain) to serve HTTPS and WSS with, e.g. the gateway.pem of "
+        "`backendai-jupyter certs create`; plain HTTP when empty (env BACKENDAI_GATEWAY_CERTFILE)."
+    ).tag(config=True)
+
+    @default("certfile")
+    def _certfile_default(self) -> str:
+        return os.environ.get("BACKENDAI_GATEWAY_CERTFILE", "")
+
+    keyfile = Unicode(
+        help="PEM private key of certfile; when empty the key is read from certfile "
+        "(env BACKENDAI_GATEWAY_KEYFILE)."
+    ).tag(config=True)
+
+    @default("keyfile")
+    def _keyfile_default(self) -> str:
+        return os.environ.get("BACKENDAI_GATEWAY_KEYFILE", "")
+
+    ca_file = Unicode(
+        help="PEM CA that signed certfile, trusted when the gateway calls its own URL (kernels of the "
+        "Kernel Gateway API); the ca.pem beside certfile when empty and present, else the system "
+        "trust store (env BACKENDAI_CA_FILE)."
+    ).tag(config=True)
+
+    @default("ca_file")
+    def _ca_file_default(self) -> str:
+        return ca_file_from_env()
+
+    allow_insecure = Bool(
+        help="Serve plain HTTP on an address other hosts can reach. Keypairs, tokens and the agent "
+        "token then cross the network in the clear: only for a network you trust entirely "
+        "(env BACKENDAI_GATEWAY_ALLOW_INSECURE=1)."
+    ).tag(config=True)
+
+    @default("allow_insecure")
+    def _allow_insecure_default(self) -> bool:
+        return os.environ.get("BACKENDAI_GATEWAY_ALLOW_INSECURE", "") in ("1", "true", "yes")
+
+    replay_cache_size = Int(
+        500_000,
+        help="Most signed requests remembered (for 5 minutes each) to refuse replays; beyond it "
+        "signed requests get 503 until older ones expire.",
+    ).tag(config=True)
 
     data_dir = Unicode(help="Directory for the database and secrets (env BACKENDAI_DATA_DIR).").tag(
         config=True
@@ -242,8 +304,49 @@ class Gateway(LoggingConfigurable):
     def url(self) -> str:
         if self.public_url:
             return self.public_url.rstrip("/")
-        host = "127.0.0.1" if self.ip in ("", "0.0.0.0") else self.ip
-        return f"http://{host}:{self.port}"
+        host = "127.0.0.1" if self.ip in ("", "0.0.0.0", "::") else self.ip
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.certfile else 'http'}://{host}:{self.port}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The server context for certfile/keyfile (TLS 1.2 at least), or None for plain HTTP."""
+        if not self.certfile:
+            if not is_loopback(self.ip):
+                if not self.allow_insecure:
+                    raise InsecureBind(
+                        f"refusing to serve plain HTTP on {self.ip or 'all addresses'}: other hosts "
+                        "could read keypairs and tokens on the wire. Give the gateway a certificate "
+                        "(`backendai-jupyter certs create --dir DIR --host NAME`, then "
+                        "--Gateway.certfile=DIR/gateway.pem --Gateway.keyfile=DIR/gateway-key.pem), "
+                        "bind 127.0.0.1 behind a TLS proxy, or pass --Gateway.allow_insecure=True "
+                        "on a network you trust entirely"
+                    )
+                log.warning(
+                    "INSECURE: serving plain HTTP on %s (Gateway.allow_insecure): keypairs, tokens "
+                    "and the agent token cross the network in the clear",
+                    self.ip or "all addresses",
+                )
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = MIN_VERSION
+        try:
+            ctx.load_cert_chain(self.certfile, self.keyfile or None)
+        except FileNotFoundError as e:
+            raise ValueError(f"Gateway.certfile/keyfile: {e.filename} does not exist") from None
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(
+                f"cannot load the certificate {self.certfile} with key {self.keyfile or '(in certfile)'} "
+                f"({e}): give a PEM certificate and its matching private key"
+            ) from None
+        return ctx
+
+    def own_ca_file(self) -> str:
+        """The CA to verify the gateway's own certificate with ("" for the system store)."""
+        if self.ca_file or not self.certfile:
+            return self.ca_file
+        beside = Path(self.certfile).resolve().with_name("ca.pem")  # as `certs create` writes it
+        return str(beside) if beside.exists() else ""
 
     def _secret_file(self, name: str) -> Path:
         return Path(self.data_dir) / name
@@ -262,6 +365,7 @@ class Gateway(LoggingConfigurable):
 
     async def start(self) -> None:
         """Migrate the database, make the first admin, and start serving."""
+        ssl_ctx = self._ssl_context()  # refuse a bad TLS setup before touching anything
         Path(self.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 (startup)
         url = self.db_url or f"sqlite+aiosqlite:///{Path(self.data_dir) / 'gateway.sqlite'}"
         await dbmod.migrate(url)
@@ -292,7 +396,12 @@ class Gateway(LoggingConfigurable):
         )
         await self.sessions.start()
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
-            self.data_dir, self.url, self.sessions, set(self.kernel_env_allowlist), self.log
+            self.data_dir,
+            self.url,
+            self.sessions,
+            set(self.kernel_env_allowlist),
+            self.log,
+            self.own_ca_file(),
         )
         self.app = web.Application(
             [
@@ -332,13 +441,16 @@ class Gateway(LoggingConfigurable):
                 ),
                 "resource_rules": rules,
                 "max_request_body": self.max_request_body,
+                "nonces": NonceCache(self.replay_cache_size),
                 "heartbeat_interval": self.heartbeat_interval,
                 "websocket_ping_interval": 20,
             },
         )
         # The outer bound for every handler, /api and websockets included; /v1 refuses earlier,
         # from the headers, with a JSON 413.
-        self.server = httpserver.HTTPServer(self.app, xheaders=False, max_body_size=self.max_request_body)
+        self.server = httpserver.HTTPServer(
+            self.app, xheaders=False, ssl_options=ssl_ctx, max_body_size=self.max_request_body
+        )
         self.server.listen(self.port, self.ip)
         log.info("gateway listening on %s", self.url)
 

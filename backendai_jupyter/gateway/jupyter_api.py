@@ -93,6 +93,7 @@ class BackendAIKernelManager(ServerKernelManager):
             self.provisioner.gateway_url = cfg["url"]
             self.provisioner.access_key = cfg["access_key"]
             self.provisioner.secret_key = cfg["secret_key"]
+            self.provisioner.ca_file = cfg.get("ca_file", "")
             # Only this process can reach the kernel (jupyter_server's kernel manager lives here): when
             # it is gone for good, so is the kernel, also after a gateway restart.
             self.provisioner.bind_to_stream = True
@@ -115,6 +116,7 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
         Unicode(),
         help="Variables a client may pass to kernels besides KERNEL_* (Gateway.kernel_env_allowlist).",
     ).tag(config=True)
+    ca_file = Unicode("", help="CA the provisioner trusts for an https gateway URL.").tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -127,7 +129,14 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
             kp = (await db.scalars(select(Keypair).where(Keypair.user_id == user.id).limit(1))).first()
         if kp is None:
             raise web.HTTPError(403, f"user {user.name} has no keypair")
-        return json.dumps({"url": self.gateway_url, "access_key": kp.access_key, "secret_key": kp.secret_key})
+        return json.dumps(
+            {
+                "url": self.gateway_url,
+                "access_key": kp.access_key,
+                "secret_key": kp.secret_key,
+                "ca_file": self.ca_file,
+            }
+        )
 
     def client_env(self, env: dict[str, str] | None) -> dict[str, str]:
         """What of ``env`` may reach a kernel: ``KERNEL_*`` and the operator's allowlist.
@@ -436,7 +445,7 @@ class FastKernelWebsocketHandler(KernelWebsocketHandler):
 
 
 def jupyter_handlers_and_settings(
-    data_dir: str, gateway_url: str, sessions: Any, env_allowlist: set[str], log: Any
+    data_dir: str, gateway_url: str, sessions: Any, env_allowlist: set[str], log: Any, ca_file: str = ""
 ) -> tuple[list[Any], dict[str, Any]]:
     """jupyter_server's kernel, kernelspec and session handlers, configured for the gateway."""
     from jupyter_server.kernelspecs.handlers import default_handlers as kernelspec_resources
@@ -460,6 +469,7 @@ def jupyter_handlers_and_settings(
     config.ServerApp.terminals_enabled = False
     config.BackendAIMappingKernelManager.gateway_url = gateway_url
     config.BackendAIMappingKernelManager.env_allowlist = env_allowlist
+    config.BackendAIMappingKernelManager.ca_file = ca_file
     config.BackendAIMappingKernelManager.default_kernel_name = "backendai-python3"
     config.ServerApp.kernel_spec_manager_class = GatewayKernelSpecManager
     # POST /api/kernels answers as soon as the kernel is requested ("starting"); its model says

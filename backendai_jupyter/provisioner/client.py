@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
@@ -21,8 +22,10 @@ from ..common import signing
 from ..common.clientconfig import ClientConfig
 from ..common.errors import ApiError
 from ..common.states import SessionState
+from ..common.tls import ENV_CA_FILE, client_context, untrusted
 
 T = TypeVar("T")
+CA_SETTING = f"ca_file in the client config (or {ENV_CA_FILE})"
 
 
 class GatewayUnreachable(ApiError):
@@ -46,7 +49,7 @@ class SessionWatch:
 class GatewayClient:
     """Signed requests to the gateway and live session state, on a private thread."""
 
-    _instances: dict[tuple[str, str], GatewayClient] = {}
+    _instances: dict[tuple[str, str, str], GatewayClient] = {}
     _lock = threading.Lock()
 
     def __init__(self, config: ClientConfig) -> None:
@@ -56,11 +59,12 @@ class GatewayClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="backendai-client", daemon=True)
         self._thread.start()
         self._watches: dict[str, SessionWatch] = {}
+        self._ssl: ssl.SSLContext | None = None
 
     @classmethod
     def instance(cls, config: ClientConfig) -> GatewayClient:
         """One client (one thread) per gateway and keypair in a process."""
-        key = (config.url, config.access_key)
+        key = (config.url, config.access_key, config.ca_file)
         with cls._lock:
             if key not in cls._instances:
                 cls._instances[key] = cls(config)
@@ -80,6 +84,14 @@ class GatewayClient:
         h["Content-Type"] = "application/json"
         return h
 
+    def _ssl_options(self) -> ssl.SSLContext | None:
+        """A context that verifies an https gateway against the configured CA (none for http)."""
+        if not self.base.startswith("https:"):
+            return None
+        if self._ssl is None:
+            self._ssl = client_context(self.config.ca_file, CA_SETTING)
+        return self._ssl
+
     async def request(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
         data = json.dumps(body).encode() if body is not None else b""
         req = httpclient.HTTPRequest(
@@ -89,9 +101,12 @@ class GatewayClient:
             body=data if method in ("POST", "PUT", "PATCH") else None,
             request_timeout=timeout,
             connect_timeout=10,
+            ssl_options=self._ssl_options(),
         )
         try:
             resp = await httpclient.AsyncHTTPClient().fetch(req, raise_error=False)
+        except ssl.SSLCertVerificationError as e:
+            raise untrusted(self.base, self.config.ca_file, CA_SETTING, e) from None
         except OSError as e:
             raise self.unreachable(e) from None
         if resp.code == 599:
@@ -126,7 +141,9 @@ class GatewayClient:
         delay = 0.1
         while True:
             try:
-                req = httpclient.HTTPRequest(ws_base + path, headers=self._headers("GET", path, b""))
+                req = httpclient.HTTPRequest(
+                    ws_base + path, headers=self._headers("GET", path, b""), ssl_options=self._ssl_options()
+                )
                 conn = await websocket.websocket_connect(req)
                 delay = 0.1
                 while True:

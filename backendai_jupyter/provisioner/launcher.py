@@ -6,7 +6,9 @@ session the provisioner would (same client config, same resource request from th
 then relays the five channels between the client's ports and the remote kernel.
 
 The remote kernel is started with the *client's* HMAC key, so every message is valid on both
-sides as it is: the relay forwards frames untouched (pyzmq's proxy), with no re-signing. Signals:
+sides as it is: the relay forwards frames untouched (pyzmq's proxy), with no re-signing. The
+client's side stays as its connection file says (plaintext on its own host); the side to the
+remote kernel speaks CurveZMQ whenever the kernel does, with the kernel's public key. Signals:
 SIGINT interrupts the remote kernel (through the gateway, like the provisioner); SIGTERM ends it.
 The session is bound to the launcher's event stream, so a launcher killed outright (SIGKILL)
 does not leave a kernel behind: the gateway ends it a few seconds after the stream drops.
@@ -77,6 +79,12 @@ def relay(
             # The kernel answers stdin to the shell identity it saw: both must be one peer here.
             back.setsockopt(zmq.IDENTITY, identity + (b"-c" if channel == "control" else b""))
         back.linger = 0
+        if remote.get("curve_publickey"):
+            # Our own keypair: the kernel's public key is all a CurveZMQ client needs.
+            public, secret = zmq.curve_keypair()
+            back.curve_secretkey = secret
+            back.curve_publickey = public
+            back.curve_serverkey = remote["curve_publickey"].encode("ascii")
         back.connect(f"tcp://{remote['ip']}:{remote[f'{channel}_port']}")
         t = threading.Thread(
             target=_proxy, args=(fronts[channel], back), name=f"relay-{channel}", daemon=True

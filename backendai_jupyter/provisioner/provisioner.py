@@ -22,10 +22,13 @@ from ..common.clientconfig import ClientConfig, default_path
 from ..common.errors import ApiError, Conflict, LaunchError, LaunchTimeout
 from ..common.kernelenv import is_denied
 from ..common.states import SessionState
+from ..common.tls import ca_file_from_env
 from .client import GatewayClient, SessionWatch
 
 
-def client_config(gateway_url: str, access_key: str, secret_key: str, path: str) -> ClientConfig:
+def client_config(
+    gateway_url: str, access_key: str, secret_key: str, path: str, ca_file: str = ""
+) -> ClientConfig:
     """The effective client config: explicit values win over the client config file."""
     file_path = Path(path) if path else default_path()
     found = ClientConfig.load(file_path)
@@ -39,6 +42,7 @@ def client_config(gateway_url: str, access_key: str, secret_key: str, path: str)
         url=gateway_url or (found.url if found else ""),
         access_key=access_key or (found.access_key if found else ""),
         secret_key=secret_key or (found.secret_key if found else ""),
+        ca_file=ca_file or (found.ca_file if found else ca_file_from_env()),
     )
 
 
@@ -70,6 +74,11 @@ class BackendAIProvisioner(KernelProvisionerBase):
     @default("secret_key")
     def _secret_key_default(self) -> str:
         return os.environ.get("BACKENDAI_SECRET_KEY", "")
+
+    ca_file = Unicode(
+        help="PEM CA file that signed an https gateway's certificate; overrides the client config's "
+        "ca_file and BACKENDAI_CA_FILE (empty: those, else the system trust store)."
+    ).tag(config=True)
 
     client_config_path = Unicode(
         help="Client config file; <jupyter config dir>/backendai_client.json when empty "
@@ -108,7 +117,9 @@ class BackendAIProvisioner(KernelProvisionerBase):
     @property
     def client(self) -> GatewayClient:
         if self._client is None:
-            cfg = client_config(self.gateway_url, self.access_key, self.secret_key, self.client_config_path)
+            cfg = client_config(
+                self.gateway_url, self.access_key, self.secret_key, self.client_config_path, self.ca_file
+            )
             self._client = GatewayClient.instance(cfg)
         return self._client
 

@@ -60,10 +60,16 @@ class Recovered:
 
 # Called from the backend's watcher thread: (session id, exit code, container id).
 ExitCallback = Callable[[str, int, str], None]
+# Called from the watcher thread after it lost the runtime's events and has them again.
+ReconnectCallback = Callable[[], None]
 
 
 class ContainerBackend(ABC):
     """One container runtime (Docker today)."""
+
+    async def prepare(self) -> None:
+        """Set up what every kernel needs (a network, firewall rules) before the first one starts."""
+        return None  # a backend with nothing to set up keeps this
 
     @abstractmethod
     async def list_images(self) -> list[ImageInfo]:
@@ -94,8 +100,9 @@ class ContainerBackend(ABC):
         """(exit code, killed for lack of memory) of a container that stopped."""
 
     @abstractmethod
-    def watch_exits(self, callback: ExitCallback) -> None:
-        """Start calling ``callback`` whenever one of this agent's kernels exits."""
+    def watch_exits(self, callback: ExitCallback, on_reconnect: ReconnectCallback | None = None) -> None:
+        """Start calling ``callback`` whenever one of this agent's kernels exits, for as long as the
+        backend lives; ``on_reconnect`` after events may have been missed (the runtime restarted)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -7,11 +7,13 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
+from docker.types import LogConfig
 
 from ...common.slots import ResourceSlot
 from ...common.wire import ImageInfo
@@ -28,8 +30,10 @@ from .base import (
     ContainerBackend,
     ExitCallback,
     KernelLaunch,
+    ReconnectCallback,
     Recovered,
 )
+from .kernel_network import KernelFirewall, ensure_network
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,20 +52,48 @@ def connect_docker() -> docker.DockerClient:
     return client
 
 
-class DockerBackend(ContainerBackend):
-    """Kernels as Docker containers: unprivileged, resource-limited, labelled for recovery."""
+@dataclass
+class ContainerPolicy:
+    """How every kernel container is confined, beyond what each order asks for."""
 
-    def __init__(self, agent_id: str, bind_host: str, kernel_user: str, pids_limit: int) -> None:
+    kernel_user: str  # numeric uid:gid
+    home: str  # the image user's home: a private tmpfs, the only writable place besides /tmp
+    home_size: str
+    tmp_size: str
+    pids_limit: int
+    log_max_size: str
+    log_max_files: int
+    network: str
+    bridge: str
+    egress: bool
+
+
+class DockerBackend(ContainerBackend):
+    """Kernels as Docker containers: unprivileged, read-only, resource-limited, fenced off, labelled."""
+
+    def __init__(self, agent_id: str, bind_host: str, policy: ContainerPolicy) -> None:
         self.agent_id = agent_id
         self.bind_host = bind_host
-        self.kernel_user = kernel_user
-        self.pids_limit = pids_limit
+        self.policy = policy
+        uid, _, gid = policy.kernel_user.partition(":")
+        if not (uid.isdigit() and (gid or uid).isdigit()):
+            raise BackendError(
+                f"kernel_user must be a numeric uid:gid (got {policy.kernel_user!r}): the kernel's "
+                "home is a tmpfs that must belong to that uid"
+            )
+        self._uid, self._gid = int(uid), int(gid or uid)
         self.client = connect_docker()
         self._events: Any = None
+        self._closing = threading.Event()
         self._watcher: threading.Thread | None = None
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def prepare(self) -> None:
+        """Create the kernel network and install its firewall rules (see kernel_network)."""
+        await self._run(ensure_network, self.client, self.policy.network, self.policy.bridge)
+        await self._run(KernelFirewall(self.policy.bridge, egress=self.policy.egress).apply)
 
     async def list_images(self) -> list[ImageInfo]:
         images = await self._run(self.client.images.list, filters={"label": KERNEL_LABEL})
@@ -79,6 +111,14 @@ class DockerBackend(ContainerBackend):
     async def create(self, launch: KernelLaunch) -> str:
         cpu = launch.resources.get("cpu", Decimal(0))
         mem = int(launch.resources.get("mem", Decimal(0)))
+        # Docker reads 0 as "unlimited": a kernel without both limits could take the whole host.
+        if cpu <= 0 or mem <= 0:
+            raise BackendError(
+                f"the order for session {launch.session_id} asks for cpu={cpu} and mem={mem}: every "
+                "kernel needs a positive CPU and memory limit (set them in the request or the "
+                "user's resource policy)"
+            )
+        pol = self.policy
         ports = {
             f"{CONTAINER_PORTS[ch]}/tcp": (self.bind_host, port) for ch, port in launch.host_ports.items()
         }
@@ -86,7 +126,7 @@ class DockerBackend(ContainerBackend):
         needs_init = not (image.attrs.get("Config") or {}).get("Entrypoint")
         kwargs: dict[str, Any] = dict(
             image=launch.image,
-            command=launch.argv,
+            command=self._command(launch.argv),
             name=f"bai-kernel-{launch.session_id}",
             labels={
                 LABEL_SESSION: launch.session_id,
@@ -95,25 +135,35 @@ class DockerBackend(ContainerBackend):
                 LABEL_PORTS: json.dumps(launch.host_ports),
                 LABEL_RESOURCES: json.dumps(launch.resources.to_json()),
             },
-            environment=launch.env,
+            environment={**launch.env, **self._home_env()},
             ports=ports,
             volumes={
                 launch.connection_file: {"bind": CONNECTION_FILE_IN_CONTAINER, "mode": "ro"},
                 **launch.volumes,
             },
             device_requests=launch.device_requests or None,
-            user=self.kernel_user,
+            user=f"{self._uid}:{self._gid}",
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
-            pids_limit=self.pids_limit,
+            # The image is shared by every kernel started from it: nothing a user runs may change
+            # it. What a kernel writes goes to its home and /tmp, both size-limited tmpfs.
+            read_only=True,
+            tmpfs={
+                pol.home: f"size={pol.home_size},uid={self._uid},gid={self._gid},mode=0700,nosuid,nodev",
+                "/tmp": f"size={pol.tmp_size},mode=1777,nosuid,nodev",
+            },
+            log_config=LogConfig(
+                type=LogConfig.types.JSON,
+                config={"max-size": pol.log_max_size, "max-file": str(pol.log_max_files)},
+            ),
+            network=pol.network,
+            pids_limit=pol.pids_limit,
+            nano_cpus=int(cpu * 10**9),
+            mem_limit=mem,
+            memswap_limit=mem,
             init=needs_init,
             detach=True,
         )
-        if cpu > 0:
-            kwargs["nano_cpus"] = int(cpu * 10**9)
-        if mem > 0:
-            kwargs["mem_limit"] = mem
-            kwargs["memswap_limit"] = mem
 
         def create_and_start() -> str:
             try:
@@ -140,6 +190,31 @@ class DockerBackend(ContainerBackend):
             except BackendError:
                 pass
             raise
+
+    def _command(self, argv: list[str]) -> list[str]:
+        """The kernel's argv, run on a private, writable copy of its connection file.
+
+        ipykernel (7.4) rewrites its connection file at start whenever it serves CurveZMQ (it
+        compares its keys as bytes with the file's strings), and the mounted file is read-only
+        (the kernel must not write to the agent's disk). So a shell copies it into the home
+        tmpfs (mode 0600, as jupyter_core's secure_write insists) and then becomes the kernel.
+        """
+        private = f"{self.policy.home}/.backendai-connection.json"
+        argv = [a.replace(CONNECTION_FILE_IN_CONTAINER, private) for a in argv]
+        script = 'umask 077 && cat "$0" > "$1" && shift && exec "$@"'
+        return ["/bin/sh", "-c", script, CONNECTION_FILE_IN_CONTAINER, private, *argv]
+
+    def _home_env(self) -> dict[str, str]:
+        """Point every per-user config and cache (IPython, matplotlib, XDG) into the writable home."""
+        home = self.policy.home
+        return {
+            "HOME": home,
+            "IPYTHONDIR": f"{home}/.ipython",
+            "MPLCONFIGDIR": f"{home}/.config/matplotlib",
+            "XDG_CONFIG_HOME": f"{home}/.config",
+            "XDG_CACHE_HOME": f"{home}/.cache",
+            "XDG_DATA_HOME": f"{home}/.local/share",
+        }
 
     async def destroy(self, container_id: str) -> None:
         def _remove() -> None:
@@ -190,26 +265,48 @@ class DockerBackend(ContainerBackend):
         state = info.get("State", {})
         return int(state.get("ExitCode", -1)), bool(state.get("OOMKilled"))
 
-    def watch_exits(self, callback: ExitCallback) -> None:
-        self._events = self.client.events(
-            decode=True,
-            filters={"type": "container", "event": ["die"], "label": f"{LABEL_AGENT}={self.agent_id}"},
+    def watch_exits(self, callback: ExitCallback, on_reconnect: ReconnectCallback | None = None) -> None:
+        self._watcher = threading.Thread(
+            target=self._pump, args=(callback, on_reconnect), name="docker-events", daemon=True
         )
+        self._watcher.start()
 
-        def _pump() -> None:
+    def _pump(self, callback: ExitCallback, on_reconnect: ReconnectCallback | None) -> None:
+        """Follow die events for good: the stream ends when the engine restarts, so open it again."""
+        filters = {"type": "container", "event": ["die"], "label": f"{LABEL_AGENT}={self.agent_id}"}
+        delay, outage = 0.5, False
+        while not self._closing.is_set():
+            try:
+                self._events = self.client.events(decode=True, filters=filters)
+            except Exception as e:  # DockerException, or requests' ConnectionError while it is down
+                if not outage:
+                    log.warning("cannot follow Docker events (%s); retrying", e)
+                outage = True
+                self._closing.wait(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if outage:
+                # Subscribed again: kernels that died while we were away get no event, so the
+                # runner compares what it runs with the engine's containers now.
+                log.info("following Docker events again; checking for kernels that ended meanwhile")
+                if on_reconnect is not None:
+                    on_reconnect()
+            delay, outage = 0.5, False
             try:
                 for ev in self._events:
                     attrs = ev.get("Actor", {}).get("Attributes", {})
                     sid = attrs.get(LABEL_SESSION)
                     if sid:
                         callback(sid, int(attrs.get("exitCode", -1)), ev.get("id", ""))
-            except Exception:  # the stream ends with an error when closed
-                pass
-
-        self._watcher = threading.Thread(target=_pump, name="docker-events", daemon=True)
-        self._watcher.start()
+                why = "the engine closed it"
+            except Exception as e:  # the stream raises when its connection drops
+                why = str(e) or type(e).__name__
+            if not self._closing.is_set():
+                log.warning("the Docker event stream ended (%s); reconnecting", why)
+                outage = True
 
     def close(self) -> None:
+        self._closing.set()
         if self._events is not None:
             self._events.close()
         self.client.close()

@@ -63,8 +63,10 @@ class AuthMixin:
             raise Unauthorized(
                 "authentication required: sign the request with your keypair, or send your token"
             )
+        nonce = self.request.headers.get(signing.NONCE_HEADER, "")
         try:
             access_key, signature = signing.parse_authorization(header)
+            signing.check_nonce(nonce)
             signing.check_date(self.request.headers.get(signing.DATE_HEADER, ""))
         except signing.SignatureError as e:
             raise Unauthorized(str(e)) from None
@@ -77,20 +79,24 @@ class AuthMixin:
             return
         signature, found = self._signed
         secret, user = found if found is not None else (_NO_SECRET, None)
+        nonce = self.request.headers.get(signing.NONCE_HEADER, "")
         try:
-            signing.verify(
+            when = signing.verify(
                 secret,
                 signature,
                 self.request.method,
                 self.request.uri,
                 self.request.headers.get(signing.DATE_HEADER, ""),
                 body,
+                nonce,
             )
         except signing.SignatureError as e:
             title = str(e)
             raise Unauthorized(BAD_SIGNATURE if title == "signature does not match" else title) from None
         if user is None:
             raise Unauthorized(BAD_SIGNATURE)
+        # Recorded only once the signature holds, so nobody without the secret can fill the cache.
+        self.settings["nonces"].remember(self.access_key, nonce, when)  # refuses a replay
         # Only the key's holder gets this far, so saying "disabled" tells nobody else anything.
         if user.disabled:
             raise Unauthorized("this user is disabled")

@@ -1,0 +1,65 @@
+"""``backendai-jupyter up``: the gateway and one local agent in one process, for one machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jupyter_core.application import base_aliases, base_flags
+from traitlets import Unicode
+
+from .agent.app import Agent
+from .common.clientconfig import ClientConfig, default_path
+from .gateway.app import Gateway
+from .gateway.cli import INSECURE_FLAG
+from .service import ServiceApp
+
+
+class UpApp(ServiceApp):
+    name = "backendai-jupyter up"
+    description = "Run the gateway and one local agent (embedded SQLite), and write the client config."
+    classes = [Gateway, Agent]
+    aliases = {
+        **base_aliases,
+        "port": "Gateway.port",
+        "data-dir": "Gateway.data_dir",
+        "client-config": "UpApp.client_config",
+        "certfile": "Gateway.certfile",
+        "keyfile": "Gateway.keyfile",
+        "ca-file": "Agent.ca_file",
+    }
+    flags = {**base_flags, **INSECURE_FLAG}
+    client_config = Unicode(
+        help="Where to write the client config; <jupyter config dir>/backendai_client.json when empty "
+        "(env BACKENDAI_CLIENT_CONFIG)."
+    ).tag(config=True)
+
+    def start(self) -> None:
+        gw = Gateway(parent=self)
+        agent = Agent(parent=self)
+        if gw.certfile and not agent.ca_file:
+            agent.ca_file = gw.own_ca_file()
+        # The local agent and every client of the config written below trust the same CA.
+        ca_file = str(Path(agent.ca_file).resolve()) if agent.ca_file else ""
+
+        async def start() -> None:
+            await gw.start()
+            agent.gateway_url = gw.url
+            agent.agent_token = gw.agent_token
+            agent.destroy_kernels_on_exit = True
+            if not agent.state_dir or agent.state_dir == agent.trait_defaults("state_dir"):
+                agent.state_dir = f"{gw.data_dir}/agent"
+            await agent.start()
+            await agent.wait_registered()
+            admin = gw.admin_credentials()
+            path = ClientConfig(
+                gw.url, admin["access_key"], admin["secret_key"], admin.get("token", ""), ca_file
+            ).save(Path(self.client_config) if self.client_config else default_path())
+            print(f"backendai-jupyter is up: gateway {gw.url}, agent {agent.agent_id}", flush=True)
+            print(f"client config: {path}", flush=True)
+            print("Press Ctrl-C to stop (kernels it started are shut down).", flush=True)
+
+        async def stop() -> None:
+            await agent.stop()
+            await gw.stop()
+
+        self._run_until_signal(start, stop)
