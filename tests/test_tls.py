@@ -283,7 +283,7 @@ def test_a_signed_request_is_good_once_and_tampering_never_spends_its_nonce(tls_
     for method, path, headers, data in tampered:
         answer = _send(tls_cluster, method, path, headers, data)
         assert answer["status"] == 401 and answer["type"] == "unauthorized", answer
-        assert answer["title"] == "signature does not match"
+        assert "signature does not match" in answer["title"]  # the same answer as an unknown key
     # None of those spent the nonce: the genuine request still passes, once.
     first = _send(tls_cluster, "POST", "/v1/sessions", signed, body)
     assert first["status"] == 400 and first["type"] == "unknown-image", first
