@@ -26,7 +26,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from backendai_jupyter.agent.backends.kernel_network import KernelFirewall
 
 from .kernel_helpers import run, stdout
-from .stack import SLOT, Stack, aid, ports, remove_containers, start_up
+from .stack import SLOT, Stack, aid, port_span, remove_containers, start_up
 
 IMAGE = "backendai-jupyter/python:latest"
 
@@ -148,7 +148,7 @@ def fenced_stack(tmp: Path, name: str, span: str, *, egress: bool) -> Stack:
     return start_up(
         tmp,
         aid(name),
-        ports(span),
+        port_span(span),
         f"--Agent.kernel_network=bai-iso-s{SLOT}{suffix}",
         f"--Agent.kernel_bridge=bai-iso{SLOT}{suffix}",
         f"--Agent.kernel_egress={egress}",

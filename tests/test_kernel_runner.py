@@ -32,7 +32,7 @@ from backendai_jupyter.common.slots import ResourceSlot
 from backendai_jupyter.common.wire import CreateKernel, KernelReport
 
 from .kernel_helpers import run, stdout
-from .stack import SLOT, aid, ports, remove_containers
+from .stack import SLOT, aid, port_span, remove_containers
 
 IMAGE = "backendai-jupyter/python:latest"
 NETWORK, BRIDGE = f"bai-rt-s{SLOT}", f"bai-rt{SLOT}"
@@ -61,7 +61,7 @@ class Runner:
     def __init__(self, tmp: Path, name: str, span: str, **kw: Any) -> None:
         self.agent_id = aid(name)
         self.reports: list[KernelReport] = []
-        low, high = (int(p) for p in ports(span).split("-"))
+        low, high = (int(p) for p in port_span(span).split("-"))
         self.backend = DockerBackend(self.agent_id, "127.0.0.1", policy())
         self.runner = KernelRunner(
             self.backend, PortPool(low, high, "127.0.0.1"), tmp, "127.0.0.1", 60, self.reports.append, **kw
