@@ -187,7 +187,14 @@ class FakeAgent:
 
     def report(self, sid: str, state: SessionState, connection: dict[str, Any] | None = None) -> None:
         if connection is None and state == SessionState.RUNNING:
-            connection = {"ip": "127.0.0.1", "transport": "tcp", "key": "k" * 32, "shell_port": 1}
+            # Complete, as jupyter_client checks it; nothing listens there (no kernel is run).
+            connection = {
+                "ip": "127.0.0.1",
+                "transport": "tcp",
+                "signature_scheme": "hmac-sha256",
+                "key": "k" * 32,
+                **{f"{ch}_port": 1 for ch in ("shell", "iopub", "stdin", "control", "hb")},
+            }
         report = KernelReport(sid, state, "reported by the fake agent", connection)
         assert self.ws is not None
         self.ws.write_message(json.dumps({"type": "kernel", "report": report.to_json()}))

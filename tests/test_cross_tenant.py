@@ -34,13 +34,20 @@ SHARED = {
     r"/api/status$",
     r"/api/me$",
     r"/api/spec.yaml$",
+    r"/v1/openapi.json$",
     r"/api/resolvePath$",
     r"/(robots\.txt)$",
     r"/(favicon\.ico)$",
     r"/static/(.*)$",
 }
 # Served to anyone (jupyter_server's static files): not even a credential is needed.
-PUBLIC = {r"/(robots\.txt)$", r"/(favicon\.ico)$", r"/static/(.*)$", r"/api/spec.yaml$"}
+PUBLIC = {
+    r"/(robots\.txt)$",
+    r"/(favicon\.ico)$",
+    r"/static/(.*)$",
+    r"/api/spec.yaml$",
+    r"/v1/openapi.json$",
+}
 WEBSOCKETS = {"SessionEventsHandler", "FastKernelWebsocketHandler", "AgentConnectHandler"}
 
 
@@ -162,6 +169,8 @@ async def test_every_route_refuses_a_second_user_and_never_shows_the_first_users
                     leaked = _leaks(resp.body or b"", secrets, path + json.dumps(sent))
                     if leaked:
                         failures.append(f"{verb} {path} ({auth}): {resp.code} shows {leaked}")
+                    elif resp.code >= 500:
+                        failures.append(f"{verb} {path} ({auth}): {resp.code} {resp.body[:200]!r}")
                     elif pattern not in SHARED and resp.code not in REFUSED:
                         failures.append(f"{verb} {path} ({auth}): {resp.code} {resp.body[:200]!r}")
                 # And with no credentials at all.

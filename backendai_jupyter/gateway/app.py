@@ -53,6 +53,19 @@ log = logging.getLogger(__name__)
 SID = r"(?P<sid>[0-9a-f-]{36})"
 
 
+class GatewayApplication(web.Application):
+    """The gateway's Tornado application; jupyter_server's /api/status asks it when it was last busy."""
+
+    def last_activity(self) -> Any:
+        """The latest of: start, kernel activity, API activity (what jupyter_server reports)."""
+        settings = self.settings
+        return max(
+            settings["started"],
+            settings["kernel_manager"].last_kernel_activity,
+            *settings.get("last_activity_times", {}).values(),
+        )
+
+
 class InfoHandler(ApiHandler):
     async def get(self) -> None:
         self.write_json(
@@ -403,7 +416,7 @@ class Gateway(LoggingConfigurable):
             self.log,
             self.own_ca_file(),
         )
-        self.app = web.Application(
+        self.app = GatewayApplication(
             [
                 (r"/v1/?", InfoHandler),
                 (r"/v1/openapi.json", OpenApiHandler),
