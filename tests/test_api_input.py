@@ -296,3 +296,21 @@ def test_openapi_spec_is_served_without_credentials(gw: Cluster):
     spec = r.json()
     assert spec["openapi"].startswith("3.")
     assert {"/v1/sessions", "/v1/sessions/{sid}", "/v1/admin/users"} <= set(spec["paths"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[1, 2]",
+        b'"text"',
+        b'{"path": 1, "type": "notebook"}',
+        b'{"path": "a.ipynb"}',
+        b'{"path": "a.ipynb", "type": "notebook", "kernel": "python"}',
+        b'{"path": "a.ipynb", "type": "notebook", "kernel": {"name": 5}}',
+    ],
+)
+def test_kernel_gateway_session_bodies_of_the_wrong_shape_are_400(gw: Cluster, body: bytes):
+    headers = {"Authorization": f"token {gw.api.config.token}"}
+    resp = requests.post(gw.url + "/api/sessions", data=body, headers=headers, timeout=30)
+    assert resp.status_code == 400, resp.text
+    assert requests.get(gw.url + "/api/sessions", headers=headers, timeout=30).json() == []

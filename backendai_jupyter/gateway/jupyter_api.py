@@ -399,9 +399,27 @@ class KernelsHandler(MainKernelHandler):
         self.finish(json.dumps(model, default=str))
 
 
-def _refuse_others_kernel(handler: Any) -> None:
-    """404 when a session body names a kernel the caller does not own (it exists, but not for them)."""
+def _session_body(handler: Any, *, creating: bool) -> dict[str, Any]:
+    """A session request body checked for shape (stock jupyter_server answers odd ones with 500)."""
     model = handler.get_json_body()
+    if not isinstance(model, dict):
+        raise web.HTTPError(400, "the body must be a JSON object")
+    for field in ("path", "type", "name"):
+        if field in model and not isinstance(model[field], str | None):
+            raise web.HTTPError(400, f"{field} must be a string")
+    if creating and not (isinstance(model.get("path"), str) and isinstance(model.get("type"), str)):
+        raise web.HTTPError(400, "path and type are required strings")
+    kernel = model.get("kernel")
+    if kernel is not None and not (
+        isinstance(kernel, dict) and all(isinstance(kernel.get(k), str | None) for k in ("id", "name"))
+    ):
+        raise web.HTTPError(400, "kernel must be an object with a string name or id")
+    return model
+
+
+def _refuse_others_kernel(handler: Any, *, creating: bool = False) -> None:
+    """404 when a session body names a kernel the caller does not own (it exists, but not for them)."""
+    model = _session_body(handler, creating=creating)
     kernel = model.get("kernel") if isinstance(model, dict) else None
     kernel_id = kernel.get("id") if isinstance(kernel, dict) else None
     km = handler.kernel_manager
@@ -414,7 +432,7 @@ class OwnedSessionRootHandler(SessionRootHandler):
 
     @web.authenticated
     async def post(self) -> None:
-        _refuse_others_kernel(self)
+        _refuse_others_kernel(self, creating=True)
         await super().post()
 
 
