@@ -23,6 +23,7 @@ from ..common.tls import ENV_CA_FILE, ca_file_from_env, client_context, untruste
 from ..common.wire import (
     AGENT_ID_HEADER,
     AGENT_KEY_HEADER,
+    AGENT_RECONNECT_MAX,
     AGENT_WS_PATH,
     JOIN_TOKEN_HEADER,
     AgentRegistration,
@@ -360,7 +361,7 @@ class Agent(LoggingConfigurable):
                 self._ws.close()
             self._ws = None
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, AGENT_RECONNECT_MAX)
 
     async def _serve(self, ws: websocket.WebSocketClientConnection) -> None:
         reg = AgentRegistration(

@@ -22,6 +22,9 @@ AGENT_WS_PATH = "/v1/agents/connect"
 AGENT_ID_HEADER = "X-BackendAI-Agent"
 AGENT_KEY_HEADER = "X-BackendAI-Agent-Key"
 JOIN_TOKEN_HEADER = "X-BackendAI-Join-Token"
+# An agent that lost its link tries again at least this often (seconds), so a restarted gateway
+# knows how long to wait for its agents before it declares their kernels lost.
+AGENT_RECONNECT_MAX = 5.0
 KERNEL_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 

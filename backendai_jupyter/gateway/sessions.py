@@ -29,7 +29,7 @@ from ..common.errors import (
 )
 from ..common.slots import ResourceSlot, format_amount, total
 from ..common.states import ALLOCATED_STATES, SessionState, is_forward
-from ..common.wire import AgentRegistration, CreateKernel, KernelReport
+from ..common.wire import AGENT_RECONNECT_MAX, AgentRegistration, CreateKernel, KernelReport
 from .events import EventHub
 from .models import Agent, KernelSession, ResourcePolicy, SessionTransition, User
 from .registry import AgentRegistry
@@ -653,7 +653,10 @@ class SessionService:
 
     async def _sweep_unclaimed(self) -> None:
         """Sessions whose agent never came back after a gateway restart are LOST."""
-        if time.monotonic() - self._started < self.registry.heartbeat_timeout:
+        # An agent retries at least every AGENT_RECONNECT_MAX seconds: a gateway that took longer
+        # than that to restart must give it one full retry before giving up on it.
+        grace = max(self.registry.heartbeat_timeout, AGENT_RECONNECT_MAX + 2)
+        if time.monotonic() - self._started < grace:
             return
         for live in list(self.live.values()):
             if live.agent_id and live.state in ALLOCATED_STATES and self.registry.get(live.agent_id) is None:
