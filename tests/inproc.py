@@ -113,8 +113,11 @@ class FakeAgent:
         cpu: str = "4",
         mem: str = "8g",
         kernels: list[KernelReport] | None = None,
+        register_as: str | None = None,
     ) -> None:
         self.url, self.agent_id, self.join_token = url, agent_id, join_token
+        # The id the registration message names (an honest agent: the one it authenticates as).
+        self.register_as = register_as or agent_id
         self.key = key if key is not None else secrets.token_urlsafe(32)
         self.capacity = ResourceSlot.parse({"cpu": cpu, "mem": mem})
         self.kernels = kernels or []
@@ -138,7 +141,7 @@ class FakeAgent:
         ws_url = self.url.replace("http", "ws", 1) + AGENT_WS_PATH
         self.ws = await websocket.websocket_connect(httpclient.HTTPRequest(ws_url, headers=self.headers()))
         reg = AgentRegistration(
-            agent_id=self.agent_id,
+            agent_id=self.register_as,
             address="127.0.0.1",
             capacity=self.capacity,
             images=[

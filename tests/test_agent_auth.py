@@ -66,21 +66,12 @@ async def test_a_second_connection_under_a_connected_agents_id_is_refused(tmp_pa
 async def test_an_agent_registers_only_under_the_id_it_authenticated_as(tmp_path: Path):
     async with running_gateway(tmp_path) as g:
         await g.agent("host-a")
-        b = FakeAgent(g.url, "host-b", join_token=g.join_token)
-        b.agent_id = "host-b"
-        await b.connect()
-        b.close()
-        # host-b's key, but a registration that names host-a: the connection is closed.
-        sneaky = FakeAgent(g.url, "host-b", key=b.key)
-        await asyncio.sleep(0.2)
-        original = sneaky.agent_id
-        sneaky.agent_id = "host-a"
-        sneaky.headers = lambda: {  # type: ignore[method-assign]
-            "X-BackendAI-Agent": original,
-            "X-BackendAI-Agent-Key": b.key,
-        }
+        # Authenticated as host-b (enrolled with its own key), registering as host-a: closed.
+        sneaky = FakeAgent(g.url, "host-b", join_token=g.join_token, register_as="host-a")
         with pytest.raises(AssertionError, match="closed the agent connection"):
             await sneaky.connect()
+        agents = {a["id"]: a["status"] for a in (await g.admin("GET", "/v1/agents"))["agents"]}
+        assert agents == {"host-a": "ALIVE"}
 
 
 async def test_an_agent_cannot_take_over_another_agents_session(tmp_path: Path):
