@@ -182,7 +182,7 @@ def test_agent_websocket_with_a_non_ascii_key_is_4xx_json(gw: Cluster, header: s
         ({"image": IMAGE, "resources": {"cpu": "0.05"}}, "minimum"),
         ({"image": IMAGE, "resources": {"mem": "1m"}}, "mem"),
         ({"image": IMAGE, "resources": {"cuda.device": "0"}}, "cuda.device"),
-        ({"image": IMAGE, "env": {"LD_PRELOAD": "/tmp/x.so"}}, "LD_PRELOAD is set by the agent"),
+        ({"image": IMAGE, "env": {"LD_PRELOAD": "libx.so"}}, "LD_PRELOAD is set by the agent"),
         ({"image": IMAGE, "env": {"NVIDIA_VISIBLE_DEVICES": "all"}}, "set by the agent"),
         ({"image": IMAGE, "env": {"CUDA_VISIBLE_DEVICES": "0,1"}}, "set by the agent"),
         ({"image": IMAGE, "bound_to_stream": "false"}, "bound_to_stream must be true or false"),
@@ -278,7 +278,7 @@ def test_kernel_gateway_refuses_agent_variables_in_env(gw: Cluster):
     cfg = gw.api.config
     r = requests.post(
         gw.url + "/api/kernels",
-        json={"name": "backendai-python3", "env": {"KERNEL_X": "1", "LD_PRELOAD": "/tmp/x.so"}},
+        json={"name": "backendai-python3", "env": {"KERNEL_X": "1", "LD_PRELOAD": "libx.so"}},
         headers={"Authorization": f"token {cfg.token}"},
         timeout=30,
     )

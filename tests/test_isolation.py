@@ -23,6 +23,7 @@ import pytest
 import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
 
+from backendai_jupyter.agent.app import Agent
 from backendai_jupyter.agent.backends.kernel_network import KernelFirewall
 
 from .kernel_helpers import run, stdout
@@ -281,7 +282,7 @@ def test_kernel_is_fenced_in_and_its_channels_are_encrypted(allowing: Stack) -> 
     assert not found["write /usr"] and not found["write /"] and not found["write /var/tmp"]
     assert found["root mount"] == "ro"
     assert found["write home"] and found["write /tmp"]
-    assert found["home"] == "/home/work"
+    assert found["home"] == Agent.kernel_home.default_value
     assert not found["docker socket"]
     assert found["NVIDIA_VISIBLE_DEVICES"] == "void"
     for name in targets:

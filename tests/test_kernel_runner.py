@@ -23,6 +23,7 @@ import docker
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
+from backendai_jupyter.agent.app import Agent
 from backendai_jupyter.agent.backends.base import BackendError, KernelLaunch
 from backendai_jupyter.agent.backends.docker import ContainerPolicy, DockerBackend
 from backendai_jupyter.agent.backends.kernel_network import KernelFirewall, ensure_network
@@ -37,12 +38,15 @@ from .stack import SLOT, aid, port_span, remove_containers
 IMAGE = "backendai-jupyter/python:latest"
 NETWORK, BRIDGE = f"bai-rt-s{SLOT}", f"bai-rt{SLOT}"
 DOCKER_SOCKET = "/var/run/docker.sock"
+# Paths inside the kernel's container: the agent's default home for the kernel user, and /tmp.
+HOME = Agent.kernel_home.default_value
+TMP = "/tmp"
 
 
 def policy(**overrides: Any) -> ContainerPolicy:
     base: dict[str, Any] = dict(
         kernel_user="1000:1000",
-        home="/home/work",
+        home=HOME,
         home_size="256m",
         tmp_size="128m",
         pids_limit=512,
@@ -129,20 +133,20 @@ def connect(connection: dict[str, Any]) -> BlockingKernelClient:
 
 async def test_container_is_read_only_limited_and_gets_no_reserved_env(runner: Runner) -> None:
     order = await runner.start_kernel(
-        env={"LD_PRELOAD": "/tmp/evil.so", "NVIDIA_VISIBLE_DEVICES": "all", "HOME": "/", "KERNEL_OK": "1"}
+        env={"LD_PRELOAD": "libevil.so", "NVIDIA_VISIBLE_DEVICES": "all", "HOME": "/", "KERNEL_OK": "1"}
     )
     await runner.state(order.session_id, {"RUNNING"})
     (c,) = runner.containers()
     host = c.attrs["HostConfig"]
     env = dict(e.split("=", 1) for e in c.attrs["Config"]["Env"])
     assert host["ReadonlyRootfs"] is True
-    assert set(host["Tmpfs"]) == {"/home/work", "/tmp"}
-    assert "size=256m" in host["Tmpfs"]["/home/work"] and "uid=1000" in host["Tmpfs"]["/home/work"]
+    assert set(host["Tmpfs"]) == {HOME, TMP}
+    assert "size=256m" in host["Tmpfs"][HOME] and "uid=1000" in host["Tmpfs"][HOME]
     assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "2"}}
     assert host["NanoCpus"] == 10**9 and host["Memory"] == 2**30 and host["PidsLimit"] == 512
     assert list(c.attrs["NetworkSettings"]["Networks"]) == [NETWORK]
     assert "LD_PRELOAD" not in env and env["KERNEL_OK"] == "1"
-    assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and env["HOME"] == "/home/work"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and env["HOME"] == HOME
 
 
 async def test_plotting_and_numpy_work_with_a_read_only_root(runner: Runner) -> None:
@@ -162,7 +166,7 @@ async def test_plotting_and_numpy_work_with_a_read_only_root(runner: Runner) -> 
     assert reply["status"] == "ok", reply
     pngs = [m for m in outputs if m["msg_type"] == "display_data" and "image/png" in m["content"]["data"]]
     assert pngs, outputs
-    assert stdout(outputs).strip() == "/home/work/.ipython"
+    assert stdout(outputs).strip() == f"{HOME}/.ipython"
 
 
 async def test_order_without_cpu_or_memory_limit_is_refused(runner: Runner) -> None:
