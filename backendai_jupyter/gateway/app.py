@@ -398,7 +398,6 @@ class Gateway(LoggingConfigurable):
             sessionmaker,
             self.hub,
             default_resources=ResourceSlot.parse(self.default_resources),
-            max_resources=ResourceSlot.parse(self.max_resources),
             pending_timeout=self.pending_timeout,
             heartbeat_timeout=self.heartbeat_timeout,
             policy=self.scheduler_policy,

@@ -366,7 +366,6 @@ class KernelsHandler(MainKernelHandler):
             env = validate_env(model.get("env"))  # the same checks as /v1, agent-set variables too
         except ApiError as e:
             raise web.HTTPError(e.status, e.title) from None
-        clean = self.kernel_manager.client_env(env)
         name = model.get("name") or self.kernel_manager.default_kernel_name
         if not isinstance(name, str):
             raise web.HTTPError(400, "name must be a kernelspec name")
@@ -387,7 +386,9 @@ class KernelsHandler(MainKernelHandler):
             raise web.HTTPError(e.status, e.title) from None
         try:
             kernel_id = await self.kernel_manager.start_kernel(
-                kernel_name=name, path=model.get("path"), env=clean
+                kernel_name=name,
+                path=model.get("path"),
+                env=env,  # start_kernel keeps what may pass
             )
         except LaunchTimeout as e:
             raise web.HTTPError(504, str(e)) from None

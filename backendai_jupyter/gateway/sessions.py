@@ -125,7 +125,6 @@ class SessionService:
         db: async_sessionmaker,
         hub: EventHub,
         default_resources: ResourceSlot,
-        max_resources: ResourceSlot,
         pending_timeout: float,
         heartbeat_timeout: float,
         policy: str = "fifo",
@@ -148,8 +147,7 @@ class SessionService:
         self._locks: dict[str, asyncio.Lock] = {}  # per session: state changes one at a time
         self._streams: dict[str, int] = {}  # session → open event streams
         self.hub = hub
-        self.default_resources = default_resources
-        self.max_resources = max_resources
+        self.default_resources = default_resources  # what image kernelspecs ask for
         self.pending_timeout = pending_timeout
         self.registry = AgentRegistry(heartbeat_timeout, self.agent_lost)
         self.live: dict[str, Live] = {}
@@ -456,13 +454,7 @@ class SessionService:
         self._spawn(self._retry_destroy(live))
 
     async def _try_destroy(self, live: Live) -> bool:
-        link = self.registry.get(live.agent_id or "")
-        if link is None or not link.connected:
-            return False
-        try:
-            await link.call("destroy_kernel", {"session_id": live.id})
-        except ApiError as e:
-            log.warning("removing the container of %s on %s failed: %s", live.id, live.agent_id, e.title)
+        if not await self._order_destroy(live.agent_id or "", live.id):
             return False
         if live.id in self.live:
             # The agent reports TERMINATED itself; this covers an order that overtook the create.
@@ -592,13 +584,17 @@ class SessionService:
             row.images = sorted(t for i in reg.images for t in i.tags)
             row.last_heartbeat = now
 
-    async def _order_destroy(self, agent_id: str, sid: str) -> None:
+    async def _order_destroy(self, agent_id: str, sid: str) -> bool:
+        """Have the agent remove the session's container; False when it is away or failed."""
         link = self.registry.get(agent_id)
-        if link and link.connected:
-            try:
-                await link.call("destroy_kernel", {"session_id": sid})
-            except ApiError as e:
-                log.warning("could not remove orphan kernel %s on %s: %s", sid, agent_id, e.title)
+        if link is None or not link.connected:
+            return False
+        try:
+            await link.call("destroy_kernel", {"session_id": sid})
+        except ApiError as e:
+            log.warning("removing the container of %s on %s failed: %s", sid, agent_id, e.title)
+            return False
+        return True
 
     async def kernel_report(self, agent_id: str, report: KernelReport) -> None:
         """An agent says a kernel changed state."""
