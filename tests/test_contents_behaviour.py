@@ -692,7 +692,7 @@ async def share(owner: Caller, guest: Caller, vf: dict[str, Any], permission: st
 # -- kernels' working directories ---------------------------------------------------------------------
 
 
-def test_vfolder_of_cwd_names_the_vfolder_and_the_path_in_it() -> None:
+async def test_vfolder_of_cwd_names_the_vfolder_and_the_path_in_it() -> None:
     assert vfolder_of_cwd("/home/work/data") == ("data", "")
     assert vfolder_of_cwd("/home/work/data/runs/1") == ("data", "runs/1")
     assert vfolder_of_cwd("/home/work/data/./runs/") == ("data", "runs")
@@ -705,7 +705,7 @@ def test_vfolder_of_cwd_names_the_vfolder_and_the_path_in_it() -> None:
     assert vfolder_of_cwd("/tmp") is None
 
 
-def test_the_extension_maps_kernel_paths_into_the_vfolder_mounts() -> None:
+async def test_the_extension_maps_kernel_paths_into_the_vfolder_mounts() -> None:
     cm = VFolderContentsManager(gateway_url="http://127.0.0.1:1", access_key="AK", secret_key="s")
     km = SimpleNamespace(cwd_for_path=lambda path, **kw: "/local/" + path)
     assert use_vfolder_cwd(SimpleNamespace(contents_manager=cm, kernel_manager=km))

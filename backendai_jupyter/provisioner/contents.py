@@ -622,9 +622,13 @@ class VFolderContentsManager(AsyncContentsManager):
         if t.vf is None or self._top_entry(t):
             raise web.HTTPError(400, f"{t.path} is not a file")
         f: IO[bytes] = await run_sync(open, local_path, "wb")
+
+        def sink(chunk: bytes) -> None:
+            f.write(chunk)
+
         try:
             resp = await self.api.fetch(
-                "GET", f"{t.base}/download?path={_q(t.sub)}", streaming_callback=f.write, timeout=3600
+                "GET", f"{t.base}/download?path={_q(t.sub)}", streaming_callback=sink, timeout=3600
             )
         finally:
             f.close()
@@ -746,6 +750,16 @@ class VFolderContentsManager(AsyncContentsManager):
     ) -> dict[str, Any]:
         model = self._model(t, entry)
         if entries is not None:
+            links = [e for e in entries if e.get("type") == "symlink"]
+            if links:
+                # A listing reports links as links; FileContentsManager shows what they lead to.
+                targets = await asyncio.gather(
+                    *(self._stat(_Target(t.path, t.vf, _join(t.sub, e["name"]))) for e in links),
+                    return_exceptions=True,
+                )
+                for e, found in zip(links, targets, strict=True):
+                    if isinstance(found, dict):
+                        e["type"] = "directory" if found.get("type") == "directory" else "file"
             model["content"] = self._listing(t.path, entries, t.writable)
             model["format"] = "json"
         return model
@@ -946,8 +960,10 @@ class VFolderContentsManager(AsyncContentsManager):
                 nb = _nbformat.from_dict(model["content"])
                 self.check_and_sign(nb, t.path)
                 data, validation_error = await run_sync(_write_notebook, nb)
-                # One checkpoint should always exist for notebooks: look while the file goes up.
-                cps = asyncio.ensure_future(self._checkpoints.list_checkpoints(t.path))
+                # One checkpoint should always exist for notebooks: look while the file goes up
+                # (unless this server saw it lately).
+                if not self._checkpoints.seen(t.path):
+                    cps = asyncio.ensure_future(self._checkpoints.list_checkpoints(t.path))
             else:
                 data = _decode_content(model["content"], model.get("format"), t.path)
             entry = await self._put(t, data)
@@ -1279,6 +1295,28 @@ class VFolderCheckpoints(AsyncCheckpoints):
         help="The directory, in the file's own directory, that keeps its checkpoint.",
     ).tag(config=True)
 
+    seen_ttl = Float(
+        30.0,
+        help="Seconds a checkpoint this server made or listed is taken to still be there when a "
+        "notebook is saved (saving makes the first checkpoint of a notebook).",
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._seen: dict[str, float] = {}
+
+    def seen(self, path: str) -> bool:
+        """Did this server make or list the file's checkpoint within ``seen_ttl``?"""
+        at = self._seen.get(path.strip("/"))
+        return at is not None and time.monotonic() - at < self.seen_ttl
+
+    def _saw(self, path: str, there: bool) -> None:
+        path = path.strip("/")
+        if there:
+            self._seen[path] = time.monotonic()
+        else:
+            self._seen.pop(path, None)
+
     @property
     def cm(self) -> VFolderContentsManager:
         parent = self.parent
@@ -1347,6 +1385,7 @@ class VFolderCheckpoints(AsyncCheckpoints):
             if e.status_code == 404:
                 raise web.HTTPError(404, f"No such file: {path}") from None
             raise
+        self._saw(t.path, True)
         return self._info(CHECKPOINT_ID, entry)
 
     async def restore_checkpoint(self, contents_mgr: Any, checkpoint_id: str, path: str) -> None:
@@ -1370,11 +1409,12 @@ class VFolderCheckpoints(AsyncCheckpoints):
             return
         old_cp = old[1]
         new = await self._targets(new_path, checkpoint_id)
-        new_cp = new[1] if new is not None else None
-        if new_cp is None or new_cp.base != old_cp.base:
+        if new is None or new[1].base != old_cp.base:
             # Not in the same vfolder: the checkpoint does not follow the file.
             await self.delete_checkpoint(checkpoint_id, old_path)
             return
+        new_file, new_cp = new
+        self._saw(old[0].path, False)
         api = self.cm.api
         body = {"src": old_cp.sub, "dst": new_cp.sub, "overwrite": True}
         try:
@@ -1384,6 +1424,7 @@ class VFolderCheckpoints(AsyncCheckpoints):
                 raise
             await self._mkdir(new_cp, new_cp.sub.rpartition("/")[0])
             await api.call("POST", f"{old_cp.base}/move", body)
+        self._saw(new_file.path, True)
 
     async def _mkdir(self, t: _Target, sub: str) -> None:
         try:
@@ -1399,6 +1440,7 @@ class VFolderCheckpoints(AsyncCheckpoints):
             return
         t, cp = targets
         self.cm._check_writable(t)
+        self._saw(t.path, False)
         try:
             await self.cm.api.call("DELETE", f"{cp.base}/files?path={_q(cp.sub)}")
         except web.HTTPError as e:
@@ -1419,11 +1461,12 @@ class VFolderCheckpoints(AsyncCheckpoints):
             entry = await self.cm._stat(targets[1])
         except web.HTTPError as e:
             if e.status_code in (404, 409):
+                self._saw(targets[0].path, False)
                 return []
             raise
-        if entry.get("type") == "directory":
-            return []
-        return [self._info(CHECKPOINT_ID, entry)]
+        there = entry.get("type") != "directory"
+        self._saw(targets[0].path, there)
+        return [self._info(CHECKPOINT_ID, entry)] if there else []
 
     async def rename_all_checkpoints(self, old_path: str, new_path: str) -> None:
         for cp in await self.list_checkpoints(old_path):
