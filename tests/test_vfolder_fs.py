@@ -104,21 +104,27 @@ def vol(tmp_path: Path) -> Iterator[Volume]:
     (bob / "secret.txt").write_bytes(b"bob's secret\n")
     (top / "shared").mkdir()
     (top / "shared" / "notes.txt").write_text("not alice's\n")
+    (top / "etc").mkdir()  # a decoy /etc: what writes are aimed at, never the host's own
+    (top / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     staging = top / ".staging"
     staging.mkdir(mode=0o700)
     with VFolderFS(root, staging, owner) as fs:
         yield Volume(top, root, bob, staging, fs)
 
 
+# case: (link inside alice's folder, a file that exists beyond it). Operations that could
+# change what they reach use only these: every target is under the test's own directory, so a
+# broken resolver fails the test instead of writing to the host's /etc.
 ESCAPES = {
-    # name: (link inside alice, target, a file that exists beyond it)
-    "etc": ("etc", "/etc", "passwd"),
-    "sibling-absolute": ("bob_abs", None, "secret.txt"),
-    "sibling-relative": ("bob_rel", "../bob", "secret.txt"),
-    "chain": ("chain1", None, "secret.txt"),
-    "from-subdir": ("sub/up", "../../bob", "secret.txt"),
-    "loop": ("loop_a", None, "secret.txt"),
+    "absolute-etc": ("etc", "passwd"),
+    "sibling-absolute": ("bob_abs", "secret.txt"),
+    "sibling-relative": ("bob_rel", "secret.txt"),
+    "chain": ("chain1", "secret.txt"),
+    "from-subdir": ("sub/up", "secret.txt"),
+    "loop": ("loop_a", "secret.txt"),
 }
+# Reads also go through a link to the host's real /etc.
+READ_ESCAPES = {**ESCAPES, "system-etc": ("sysetc", "passwd")}
 
 
 @pytest.fixture
@@ -127,7 +133,8 @@ def planted(vol: Volume) -> Volume:
     r = vol.root
     (r / "file.txt").write_bytes(b"alice's file\n")
     (r / "sub").mkdir()
-    (r / "etc").symlink_to("/etc")
+    (r / "etc").symlink_to(vol.top / "etc")
+    (r / "sysetc").symlink_to("/etc")
     (r / "bob_abs").symlink_to(vol.bob)
     (r / "bob_rel").symlink_to("../bob")
     (r / "chain1").symlink_to("chain2")
@@ -192,8 +199,10 @@ def test_bad_paths_are_refused(path: object, words: str) -> None:
     assert words in info.value.title
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "../bob/secret.txt", "a\0b"])
-def test_bad_paths_are_refused_by_every_operation(vol: Volume, path: str) -> None:
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "nul"])
+def test_bad_paths_are_refused_by_every_operation(vol: Volume, kind: str) -> None:
+    # The absolute path names the volume's decoy /etc, so a regression cannot touch the host's.
+    path = {"absolute": str(vol.top / "etc" / "passwd"), "dotdot": "../bob/secret.txt", "nul": "a\0b"}[kind]
     before = vol.outside()
     ops: list[Callable[[], object]] = [
         lambda: vol.fs.stat(path),
@@ -216,30 +225,30 @@ def test_bad_paths_are_refused_by_every_operation(vol: Volume, path: str) -> Non
 # --- links that lead out ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ESCAPES)
+@pytest.mark.parametrize("case", READ_ESCAPES)
 def test_read_through_escaping_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, inner = ESCAPES[case]
+    link, inner = READ_ESCAPES[case]
     attempt(planted, case, lambda: planted.fs.open_read(f"{link}/{inner}"))
 
 
-@pytest.mark.parametrize("case", ESCAPES)
+@pytest.mark.parametrize("case", READ_ESCAPES)
 def test_stat_through_escaping_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, inner = ESCAPES[case]
+    link, inner = READ_ESCAPES[case]
     attempt(planted, case, lambda: planted.fs.stat(f"{link}/{inner}"))
     attempt(planted, case, lambda: planted.fs.stat(link))
     attempt(planted, case, lambda: planted.fs.lstat(f"{link}/{inner}"))
     assert planted.fs.lstat(link).type == "symlink"
 
 
-@pytest.mark.parametrize("case", ESCAPES)
+@pytest.mark.parametrize("case", READ_ESCAPES)
 def test_list_into_escaping_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, _ = ESCAPES[case]
+    link, _ = READ_ESCAPES[case]
     attempt(planted, case, lambda: planted.fs.listdir(link))
 
 
 @pytest.mark.parametrize("case", ESCAPES)
 def test_write_through_escaping_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, inner = ESCAPES[case]
+    link, inner = ESCAPES[case]
     fs = planted.fs
     attempt(planted, case, lambda: fs.writer(f"{link}/{inner}", limit=None))
     attempt(planted, case, lambda: fs.writer(f"{link}/new.txt", limit=None))
@@ -264,14 +273,14 @@ def test_write_through_escaping_link(planted: Volume, resolver: str, case: str) 
 
 @pytest.mark.parametrize("case", ESCAPES)
 def test_mkdir_through_escaping_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, _ = ESCAPES[case]
+    link, _ = ESCAPES[case]
     attempt(planted, case, lambda: planted.fs.mkdir(f"{link}/newdir"))
     attempt(planted, case, lambda: planted.fs.mkdir(f"{link}/a/b", parents=True))
 
 
 @pytest.mark.parametrize("case", ESCAPES)
 def test_move_onto_and_from_escaping_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, inner = ESCAPES[case]
+    link, inner = ESCAPES[case]
     fs = planted.fs
     attempt(planted, case, lambda: fs.move("file.txt", f"{link}/{inner}", overwrite=True))
     attempt(planted, case, lambda: fs.move("file.txt", f"{link}/new.txt"))
@@ -280,27 +289,32 @@ def test_move_onto_and_from_escaping_link(planted: Volume, resolver: str, case: 
     assert not (planted.root / "stolen.txt").exists()
 
 
-@pytest.mark.parametrize("case", ESCAPES)
-def test_copy_from_and_to_escaping_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, inner = ESCAPES[case]
+@pytest.mark.parametrize("case", READ_ESCAPES)
+def test_copy_from_escaping_link(planted: Volume, resolver: str, case: str) -> None:
+    link, inner = READ_ESCAPES[case]
     fs = planted.fs
     attempt(planted, case, lambda: fs.copy(f"{link}/{inner}", "copied.txt", limit=None))
     attempt(planted, case, lambda: fs.copy(link, "copied_dir", limit=None))
-    attempt(planted, case, lambda: fs.copy("file.txt", f"{link}/copied.txt", limit=None))
     assert not (planted.root / "copied.txt").exists()
     assert not (planted.root / "copied_dir").exists()
 
 
 @pytest.mark.parametrize("case", ESCAPES)
+def test_copy_to_escaping_link(planted: Volume, resolver: str, case: str) -> None:
+    link, _ = ESCAPES[case]
+    attempt(planted, case, lambda: planted.fs.copy("file.txt", f"{link}/copied.txt", limit=None))
+
+
+@pytest.mark.parametrize("case", ESCAPES)
 def test_delete_through_escaping_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, inner = ESCAPES[case]
+    link, inner = ESCAPES[case]
     attempt(planted, case, lambda: planted.fs.delete(f"{link}/{inner}"))
     attempt(planted, case, lambda: planted.fs.delete(f"{link}/{inner}", recursive=True))
 
 
 @pytest.mark.parametrize("case", ESCAPES)
 def test_deleting_a_link_removes_only_the_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, _ = ESCAPES[case]
+    link, _ = ESCAPES[case]
     before = planted.outside()
     assert planted.fs.delete(link, recursive=True) == 0
     assert not os.path.lexists(planted.root / link)
@@ -309,7 +323,7 @@ def test_deleting_a_link_removes_only_the_link(planted: Volume, resolver: str, c
 
 @pytest.mark.parametrize("case", ESCAPES)
 def test_writing_onto_a_link_replaces_the_link(planted: Volume, resolver: str, case: str) -> None:
-    link, _, _ = ESCAPES[case]
+    link, _ = ESCAPES[case]
     before = planted.outside()
     with planted.fs.writer(link, limit=None) as w:
         w.write(b"now a file\n")
@@ -322,7 +336,7 @@ def test_writing_onto_a_link_replaces_the_link(planted: Volume, resolver: str, c
 
 def test_listing_shows_links_without_following_them(planted: Volume, resolver: str) -> None:
     entries = {e.name: e for e in planted.fs.listdir("")}
-    for name in ("etc", "bob_abs", "bob_rel", "chain1", "loop_a"):
+    for name in ("etc", "sysetc", "bob_abs", "bob_rel", "chain1", "loop_a"):
         assert entries[name].type == "symlink"
         assert entries[name].size == 0
     assert entries["file.txt"].type == "file"
@@ -649,7 +663,7 @@ def tree(vol: Volume) -> Volume:
     (t / "sub" / "deep" / "c.txt").write_bytes(b"c" * 300)
     (t / "inlink").symlink_to("a.txt")
     (t / "sub" / "sidelink").symlink_to("../../tree/a.txt")
-    (t / "outlink").symlink_to("/etc")
+    (t / "outlink").symlink_to(vol.top / "etc")
     (t / "uplink").symlink_to("../../bob")
     (t / "sub" / "deep_up").symlink_to("../../../bob/secret.txt")
     os.mkfifo(t / "fifo")
