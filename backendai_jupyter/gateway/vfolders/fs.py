@@ -1260,6 +1260,19 @@ class StagedFile:
         finally:
             os.close(pfd)
 
+    def truncate(self, size: int) -> None:
+        """Cut the staged file back to ``size`` bytes (undo a chunk that was refused)."""
+        fd = self._check_open()
+        if size < self.size:
+            os.ftruncate(fd, size)
+            self.size = size
+
+    def close(self) -> None:
+        """Let go of the staged file, keeping it (a resumable upload goes on later)."""
+        if self._fd is not None:
+            _close(self._fd)
+            self._fd = None
+
     def abort(self) -> None:
         """Remove the staged file; a no-op after commit or abort."""
         if self._fd is None:
