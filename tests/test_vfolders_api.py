@@ -483,3 +483,88 @@ async def test_malformed_mounts_are_refused(tmp_path: Path, spec: Any):
         alice = await g.user("alice")
         resp = await alice.fetch("POST", "/v1/sessions", {"image": "x", "mounts": spec})
         assert resp.code == 400 and "mount" in error(resp)["title"]
+
+
+async def _orders(agent: Any, count: int, timeout: float = 20) -> list[CreateKernel]:
+    async with asyncio.timeout(timeout):
+        while True:
+            found = [CreateKernel.from_json(p) for m, p in agent.calls if m == "create_kernel"]
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.05)
+
+
+async def test_kernel_gateway_clients_name_vfolders_and_the_notebooks_folder(tmp_path: Path):
+    """``jupyter lab --gateway-url`` sends the notebook's folder as KERNEL_WORKING_DIR; with the vfolder
+    contents manager that is its place under /home/work. KERNEL_VFOLDERS names more mounts."""
+    async with running_gateway(tmp_path) as g:
+        agent = await g.agent("host-a")
+        ann = await g.user("ann")
+        proj = await ann("POST", "/v1/vfolders", {"name": "proj"})
+        await ann("POST", f"/v1/vfolders/{proj['id']}/mkdir", {"path": "notebooks"})
+        await ann("POST", "/v1/vfolders", {"name": "refs"})
+        env = {"KERNEL_WORKING_DIR": f"{KERNEL_HOME}/proj/notebooks", "KERNEL_VFOLDERS": "refs"}
+        await ann("POST", "/api/kernels", {"name": "backendai-python3", "env": env}, auth="token")
+        (order,) = await _orders(agent, 1)
+        assert sorted((m.name, m.mode) for m in order.mounts) == [("proj", "rw"), ("refs", "rw")]
+        assert order.working_dir == f"{KERNEL_HOME}/proj/notebooks"
+        # A working directory that is no vfolder of the caller's (a local path) changes nothing.
+        env = {"KERNEL_WORKING_DIR": "/home/someone/notebooks"}
+        await ann("POST", "/api/kernels", {"name": "backendai-python3", "env": env}, auth="token")
+        order = (await _orders(agent, 2))[1]
+        assert order.mounts == [] and order.working_dir == ""
+        # Naming a vfolder one may not use fails the start with the reason.
+        ben = await g.user("ben")
+        resp = await ben.fetch(
+            "POST",
+            "/api/kernels",
+            {"name": "backendai-python3", "env": {"KERNEL_VFOLDERS": "refs"}},
+            auth="token",
+        )
+        assert resp.code >= 400 and b"refs" in resp.body, resp.body
+        assert len(await _orders(agent, 2)) == 2
+        agent.close()
+
+
+async def test_a_kernelspec_names_mounts_for_its_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The provisioner's ``mounts`` (kernelspec config) and the cwd jupyter_client passes."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+
+    async with running_gateway(tmp_path) as g:
+        agent = await g.agent("host-a")
+        ann = await g.user("ann")
+        await ann("POST", "/v1/vfolders", {"name": "data"})
+        await ann("POST", "/v1/vfolders", {"name": "code"})
+        spec_dir = tmp_path / "kernels" / "with-data"
+        spec_dir.mkdir(parents=True)
+        config = {"image": "backendai-jupyter/python:latest", "mounts": [{"name": "data", "mode": "ro"}]}
+        spec_dir.joinpath("kernel.json").write_text(
+            json.dumps(
+                {
+                    "display_name": "with data",
+                    "language": "python",
+                    "argv": ["python", "-f", "{connection_file}"],
+                    "metadata": {
+                        "kernel_provisioner": {"provisioner_name": "backendai-provisioner", "config": config}
+                    },
+                }
+            )
+        )
+        for name, value in [
+            ("BACKENDAI_GATEWAY_URL", g.url),
+            ("BACKENDAI_ACCESS_KEY", ann.creds["access_key"]),
+            ("BACKENDAI_SECRET_KEY", ann.creds["secret_key"]),
+        ]:
+            monkeypatch.setenv(name, value)
+        km = AsyncKernelManager(
+            kernel_name="with-data", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)])
+        )
+        await km.start_kernel(cwd=f"{KERNEL_HOME}/code")
+        try:
+            (order,) = await _orders(agent, 1)
+            assert sorted((m.name, m.mode) for m in order.mounts) == [("code", "rw"), ("data", "ro")]
+            assert order.working_dir == f"{KERNEL_HOME}/code"
+        finally:
+            await km.shutdown_kernel(now=True)
+        agent.close()
