@@ -877,6 +877,19 @@ def test_move(vol: Volume, resolver: str) -> None:
     assert os.readlink(r / "ln2") == "a.txt"
 
 
+def test_rename_without_replace_refuses_in_one_step(vol: Volume) -> None:
+    # What commit(overwrite=False), move and copy rely on when a kernel creates the target
+    # between their check and their rename.
+    (vol.root / "a").write_bytes(b"a")
+    (vol.root / "b").write_bytes(b"b")
+    root = vol.fs._root
+    with pytest.raises(FileExistsError):
+        vol.fs._rename(root, "a", root, "b", replace=False)
+    assert (vol.root / "b").read_bytes() == b"b"
+    vol.fs._rename(root, "a", root, "c", replace=False)
+    assert (vol.root / "c").read_bytes() == b"a"
+
+
 def test_errors_name_the_users_path(vol: Volume, resolver: str) -> None:
     fs = vol.fs
     (vol.root / "d").mkdir()
