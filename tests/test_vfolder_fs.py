@@ -759,7 +759,7 @@ def test_usage_counts_hard_links_once_and_follows_no_link(vol: Volume) -> None:
     assert vol.fs.usage() == 1020
 
 
-def test_usage_and_delete_in_a_deep_tree(vol: Volume, resolver: str) -> None:
+def test_usage_and_delete_in_a_deep_tree(vol: Volume, resolver: str, monkeypatch: pytest.MonkeyPatch) -> None:
     depth = 3 * fsmod._WALK_WINDOW  # deeper than the descriptors a walk keeps open
     d = vol.root
     for i in range(depth):
@@ -770,7 +770,19 @@ def test_usage_and_delete_in_a_deep_tree(vol: Volume, resolver: str) -> None:
             (d / "side").mkdir()
             (d / "side" / "s").write_bytes(b"s" * 7)
     expected = sum(range(depth)) + 7 * len(range(0, depth, 50))
+
+    scan = fsmod._scan
+    most_open = []
+
+    def counting(fd: int, subdirs: list[str]) -> list[os.stat_result]:
+        most_open.append(len(os.listdir("/proc/self/fd")))
+        return scan(fd, subdirs)
+
+    monkeypatch.setattr(fsmod, "_scan", counting)
+    baseline = len(os.listdir("/proc/self/fd"))
     assert vol.fs.usage() == expected
+    assert max(most_open) <= baseline + fsmod._WALK_WINDOW + 2  # however deep the tree
+    assert len(os.listdir("/proc/self/fd")) == baseline  # and all closed again
     assert vol.fs.delete("d", recursive=True) == expected
     assert os.listdir(vol.root) == []
 
@@ -865,6 +877,19 @@ def test_move(vol: Volume, resolver: str) -> None:
     assert os.readlink(r / "ln2") == "a.txt"
 
 
+def test_rename_without_replace_refuses_in_one_step(vol: Volume) -> None:
+    # What commit(overwrite=False), move and copy rely on when a kernel creates the target
+    # between their check and their rename.
+    (vol.root / "a").write_bytes(b"a")
+    (vol.root / "b").write_bytes(b"b")
+    root = vol.fs._root
+    with pytest.raises(FileExistsError):
+        vol.fs._rename(root, "a", root, "b", replace=False)
+    assert (vol.root / "b").read_bytes() == b"b"
+    vol.fs._rename(root, "a", root, "c", replace=False)
+    assert (vol.root / "c").read_bytes() == b"a"
+
+
 def test_errors_name_the_users_path(vol: Volume, resolver: str) -> None:
     fs = vol.fs
     (vol.root / "d").mkdir()
@@ -897,6 +922,25 @@ def test_entry_json(vol: Volume) -> None:
     assert body["mode"] == stat.S_IMODE((vol.root / "f.txt").stat().st_mode)
     root = vol.fs.stat("")
     assert root.name == "" and root.path == "" and root.type == "directory"
+
+
+def test_special_files_are_not_read(vol: Volume, resolver: str) -> None:
+    os.mkfifo(vol.root / "fifo")  # opening it for reading must not wait for a writer
+    os.mknod(vol.root / "sock", 0o644 | stat.S_IFSOCK)
+    for name in ("fifo", "sock"):
+        with pytest.raises(Conflict) as info:
+            vol.fs.open_read(name)
+        assert f"'{name}' is not a regular file" in info.value.title
+        assert vol.fs.lstat(name).type == "other"
+
+
+def test_resolving_to_a_directory_refuses_a_file(vol: Volume, resolver: str) -> None:
+    (vol.root / "f.txt").write_bytes(b"f")
+    (vol.root / "flink").symlink_to("f.txt")
+    for parts in (["f.txt"], ["flink"], ["f.txt", "x"]):
+        for flags in (fsmod._O_PATH_DIR, fsmod._O_READ_DIR):
+            with pytest.raises(NotADirectoryError):
+                fsmod._open_beneath(vol.fs._root, parts, flags)
 
 
 def test_falls_back_when_openat2_is_missing(vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -258,6 +258,8 @@ def _fail(e: OSError, path: str) -> ApiError:
         return Forbidden(f"{p} leads outside the vfolder")
     if code in (errno.EMFILE, errno.ENFILE):
         return ApiError(f"the gateway has too many files open to handle {p} now; try again", status=503)
+    if code == errno.ENXIO:  # a socket or a device without its driver
+        return Conflict(f"{p} is not a regular file")
     if code == errno.EBUSY:
         return Conflict(f"{p} is in use; try again later")
     if code is None:
