@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     pset.add_argument("--max-session-resources", type=_slots, default={}, metavar="SLOT=AMOUNT,...")
     pset.add_argument("--total-resources", type=_slots, default={}, metavar="SLOT=AMOUNT,...")
     pset.add_argument("--allowed-images", default="", help="comma-separated names or patterns (empty: all)")
+    pset.add_argument("--max-vfolders", type=int, help="vfolders a user may own (the trash counts)")
+    pset.add_argument("--max-quota", help="the user's vfolder quotas added up, e.g. 100g")
     policies.add_parser("delete").add_argument("name")
 
     agents = sub.add_parser("agents", help="list, drain and undrain agents").add_subparsers(
@@ -101,6 +103,8 @@ def run(args: argparse.Namespace, call: Any) -> Any:
                 "max_session_resources": args.max_session_resources,
                 "total_resources": args.total_resources,
                 "allowed_images": images,
+                "max_vfolders": args.max_vfolders,
+                "max_quota_bytes": args.max_quota,
             },
         )
     if args.verb == "list":

@@ -28,6 +28,11 @@ class UpApp(ServiceApp):
         "ca-file": "Agent.ca_file",
     }
     flags = {**base_flags, **INSECURE_FLAG}
+    first_vfolder = Unicode(
+        "work",
+        help="A vfolder made for the admin when they have none, so Jupyter's file browser has a place "
+        "for notebooks at once ('' for none).",
+    ).tag(config=True)
     client_config = Unicode(
         help="Where to write the client config; <jupyter config dir>/backendai_client.json when empty "
         "(env BACKENDAI_CLIENT_CONFIG)."
@@ -51,6 +56,8 @@ class UpApp(ServiceApp):
             await agent.start()
             await agent.wait_registered()
             admin = gw.admin_credentials()
+            if self.first_vfolder:
+                await self._first_vfolder(gw, admin["access_key"])
             path = ClientConfig(
                 gw.url, admin["access_key"], admin["secret_key"], admin.get("token", ""), ca_file
             ).save(Path(self.client_config) if self.client_config else default_path())
@@ -63,3 +70,12 @@ class UpApp(ServiceApp):
             await gw.stop()
 
         self._run_until_signal(start, stop)
+
+    async def _first_vfolder(self, gw: Gateway, access_key: str) -> None:
+        found = await gw.authenticator.lookup(access_key)
+        if found is None:
+            return
+        user = found[1]
+        if not await gw.vfolders.list(user) and not await gw.vfolders.list(user, trash=True):
+            await gw.vfolders.create(user, self.first_vfolder, None, None)
+            print(f"vfolder {self.first_vfolder!r} created for {user.name}", flush=True)

@@ -28,9 +28,11 @@ for _ in $(seq 1 60); do
     if ! kill -0 "$UP_PID" 2>/dev/null; then cat "$LOG"; echo "backendai-jupyter up failed (log above)" >&2; exit 1; fi
     sleep 0.5
 done
-grep -E "is up|client config" "$LOG"
+grep -E "is up|client config|vfolder" "$LOG"
 echo "gateway log: $LOG"
-echo "Open JupyterLab and pick \"Python 3 (Backend.AI)\" in the launcher."
-LAB_ARGS=(--no-browser --port "$LAB_PORT" --ServerApp.ip=127.0.0.1)
+echo "Open JupyterLab: the file browser shows your vfolders; open one and pick \"Python 3 (Backend.AI)\" in the launcher."
+# The file browser shows the user's vfolders (the files kernels see at /home/work/<vfolder>).
+LAB_ARGS=(--no-browser --port "$LAB_PORT" --ServerApp.ip=127.0.0.1
+    --ServerApp.contents_manager_class=backendai_jupyter.provisioner.contents.VFolderContentsManager)
 if [[ $(id -u) -eq 0 ]]; then LAB_ARGS+=(--allow-root); fi
 "$VENV/bin/jupyter" lab "${LAB_ARGS[@]}"

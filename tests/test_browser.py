@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
@@ -23,34 +21,6 @@ CARD = "Python 3 (Backend.AI)"
 def lab(stack: Stack, tmp_path: Path):
     with jupyter("lab", tmp_path, TOKEN) as url:
         yield url
-
-
-@pytest.fixture
-def browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, (
-        "Chromium is needed for the browser test: `make setup` installs it (apt-get install chromium)"
-    )
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1400,900",
-    ):
-        options.add_argument(arg)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_launcher_card_starts_a_kernel_in_a_container_and_runs_a_cell(

@@ -39,6 +39,8 @@ SHARED = {
     r"/(robots\.txt)$",
     r"/(favicon\.ico)$",
     r"/static/(.*)$",
+    r"/v1/vfolders/?$",
+    r"/v1/vfolders/invitations/?$",
 }
 # Served to anyone (jupyter_server's static files): not even a credential is needed.
 PUBLIC = {
@@ -66,7 +68,7 @@ def _fill(pattern: str, objects: dict[str, str]) -> str:
 
     def named(m: re.Match[str]) -> str:
         name = m.group(1)
-        if name == "action":
+        if name in ("action", "answer"):
             return m.group(2).split("|")[0]
         assert name in objects, f"route {pattern}: the cross-tenant suite does not know what {name!r} is"
         return objects[name]
@@ -111,7 +113,22 @@ async def test_every_route_refuses_a_second_user_and_never_shows_the_first_users
             {"path": "a.ipynb", "type": "notebook", "kernel": {"name": SPEC}},
             auth="token",
         )
+        # Ann's vfolder with a file, a share, an invitation she sent and an upload in progress.
+        carol = await g.user("carol")
+        vid = (await ann("POST", "/v1/vfolders", {"name": "anns-files"}))["id"]
+        await ann.fetch("PUT", f"/v1/vfolders/{vid}/content?path=a.ipynb", raw=b"ann's notebook")
+        inv = await ann("POST", f"/v1/vfolders/{vid}/invitations", {"user": "carol", "permission": "ro"})
+        await carol("POST", f"/v1/vfolders/invitations/{inv['id']}/accept")
+        other = (await ann("POST", "/v1/vfolders", {"name": "anns-other"}))["id"]
+        iid = (await ann("POST", f"/v1/vfolders/{other}/invitations", {"user": "carol", "permission": "rw"}))[
+            "id"
+        ]
+        uid = (await ann("POST", f"/v1/vfolders/{vid}/uploads", {"path": "up.bin", "size": 10}))["upload_id"]
         objects = {
+            "vid": vid,
+            "iid": iid,
+            "uid": uid,
+            "user": "carol",
             "sid": sid,
             "kernel_id": kid,
             "session_id": ks["id"],
@@ -121,6 +138,11 @@ async def test_every_route_refuses_a_second_user_and_never_shows_the_first_users
             "path": "logo-64x64.png",
         }
         secrets = [
+            vid,
+            iid,
+            uid,
+            other,
+            "ann's notebook",
             sid,
             kid,
             ks["id"],
@@ -140,6 +162,11 @@ async def test_every_route_refuses_a_second_user_and_never_shows_the_first_users
             "signal": "SIGINT",
             "disabled": True,
             "policy": None,
+            "src": "a.ipynb",
+            "dst": "b.ipynb",
+            "size": 10,
+            "user": "ben",
+            "permission": "rw",
         }
         rules = g.gw.app.wildcard_router.rules
         covered, calls, failures = 0, 0, []
@@ -191,5 +218,12 @@ async def test_every_route_refuses_a_second_user_and_never_shows_the_first_users
         users = {u["name"]: u for u in (await g.admin("GET", "/v1/admin/users"))["users"]}
         assert users["ann"]["disabled"] is False and users["ann"]["policy"] == "anns-policy"
         assert (await Caller(g.url, ann.creds).fetch("GET", "/v1/sessions", auth="token")).code == 200
+        mine = {v["name"]: v for v in (await ann("GET", "/v1/vfolders"))["vfolders"]}
+        assert set(mine) == {"anns-files", "anns-other"}
+        assert (await ann("GET", f"/v1/vfolders/{vid}/shares"))["shares"][0]["permission"] == "ro"
+        assert (await ann("GET", f"/v1/vfolders/{vid}/uploads/{uid}"))["offset"] == 0
+        assert (await ann("GET", "/v1/vfolders/invitations"))["sent"][0]["id"] == iid
+        got = await ann.fetch("GET", f"/v1/vfolders/{vid}/download?path=a.ipynb")
+        assert got.body == b"ann's notebook"
         assert json.loads((await ann.fetch("GET", "/v1/sessions")).body)["sessions"]
         agent.close()

@@ -361,3 +361,54 @@ async def test_end_order_during_a_restart_leaves_no_container(runner: Runner, de
     await asyncio.sleep(1)  # anything still starting would show up by now
     assert runner.containers() == []
     assert order.session_id not in runner.runner.kernels
+
+
+def _runner_for_mounts(tmp: Path, volume_paths: dict[str, str]) -> KernelRunner:
+    # The mount checks need no backend: the runner only turns an order's mounts into binds.
+    return KernelRunner(
+        backend=None,  # type: ignore[arg-type]
+        ports=PortPool(1, 2, "127.0.0.1"),
+        state_dir=tmp,
+        advertised_host="127.0.0.1",
+        ready_timeout=1,
+        report=lambda *a: None,
+        volume_paths=volume_paths,
+        kernel_home=HOME,
+    )
+
+
+def test_the_agent_binds_only_vfolders_beneath_a_volume_into_the_kernels_home(tmp_path: Path):
+    from backendai_jupyter.common.wire import Mount
+
+    volume = tmp_path / "volume"
+    (volume / "owner" / "vf").mkdir(parents=True)
+    good = Mount("local", str(volume), "owner/vf", f"{HOME}/data", "ro", "vf", "data")
+
+    def order(*mounts: Mount) -> CreateKernel:
+        return CreateKernel(
+            "s", IMAGE, ResourceSlot.parse({"cpu": "1", "mem": "1g"}), {}, "o", mounts=list(mounts)
+        )
+
+    runner = _runner_for_mounts(tmp_path, {})
+    assert runner._mount_args(order(good)) == {
+        str(volume / "owner" / "vf"): {"bind": f"{HOME}/data", "mode": "ro"}
+    }
+    bad = [
+        Mount("local", str(volume), "../etc", f"{HOME}/x", "rw"),
+        Mount("local", str(volume), "/etc", f"{HOME}/x", "rw"),
+        Mount("local", str(volume), "owner/vf", "/etc", "rw"),
+        Mount("local", str(volume), "owner/vf", HOME, "rw"),
+        Mount("local", str(volume), "owner/vf", f"{HOME}/../x", "rw"),
+        Mount("local", str(volume), "owner/vf", f"{HOME}/x", "rwx"),
+        Mount("local", str(volume), "owner/missing", f"{HOME}/x", "rw"),
+    ]
+    for m in bad:
+        with pytest.raises(BackendError):
+            runner._mount_args(order(m))
+    # An agent that maps its volumes mounts those only, from its own path for them.
+    elsewhere = tmp_path / "mnt"
+    (elsewhere / "owner" / "vf").mkdir(parents=True)
+    mapped = _runner_for_mounts(tmp_path, {"local": str(elsewhere)})
+    assert list(mapped._mount_args(order(good))) == [str(elsewhere / "owner" / "vf")]
+    with pytest.raises(BackendError, match="does not have"):
+        mapped._mount_args(order(Mount("other", str(volume), "owner/vf", f"{HOME}/d", "rw", name="d")))

@@ -151,6 +151,12 @@ class Agent(LoggingConfigurable):
         help="Home directory of the kernel user in the images. It is a private tmpfs (the root "
         "filesystem is read-only), and HOME, IPYTHONDIR, MPLCONFIGDIR and XDG_* point into it.",
     ).tag(config=True)
+    volume_paths = Dict(
+        {},
+        help="Storage volumes this agent mounts vfolders from: volume name → its path on this host, "
+        "where it differs from the gateway's (Gateway.storage_volumes). Empty: every volume is at the "
+        "gateway's path here too. When set, only the volumes named here are mounted.",
+    ).tag(config=True)
     kernel_home_size = Unicode("1g", help="Size limit of a kernel's home tmpfs (counts as its memory).").tag(
         config=True
     )
@@ -285,6 +291,8 @@ class Agent(LoggingConfigurable):
             {p.key: p for p in self.plugins},
             self.devices,
             allow_unencrypted=self.allow_unencrypted_kernels,
+            volume_paths=dict(self.volume_paths),
+            kernel_home=self.kernel_home,
         )
         await self.runner.start()
         self._ws: websocket.WebSocketClientConnection | None = None

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import zmq
@@ -69,8 +69,12 @@ class KernelRunner:
         devices: list[Device] | None = None,
         *,
         allow_unencrypted: bool = False,
+        volume_paths: dict[str, str] | None = None,
+        kernel_home: str = "/home/work",
     ) -> None:
         self.allow_unencrypted = allow_unencrypted
+        self.volume_paths = dict(volume_paths or {})
+        self.kernel_home = kernel_home
         self.plugins = plugins or {}
         self.devices = devices or []
         self.backend = backend
@@ -194,7 +198,8 @@ class KernelRunner:
                 host_ports=k.host_ports,
                 connection_file=str(self._kernel_dir(sid) / "kernel.json"),
                 device_requests=extra.device_requests,
-                volumes=extra.volumes,
+                volumes={**extra.volumes, **self._mount_args(k.order)},
+                working_dir=k.order.working_dir,
             )
             k.container_id = await self.backend.create(launch)
             connection = self._client_connection(k)
@@ -259,6 +264,44 @@ class KernelRunner:
             merged.device_requests += args.device_requests
             merged.volumes.update(args.volumes)
         return merged
+
+    def _mount_args(self, order: CreateKernel) -> dict[str, dict[str, str]]:
+        """The order's vfolders as bind mounts: host directory → target in the kernel's home.
+
+        The gateway names a volume and the vfolder's place in it; this agent finds the volume at
+        its own path for it (``Agent.volume_paths``) or, when it maps none, where the gateway has
+        it. Nothing outside a volume is ever bound, nor anywhere but under the kernel's home.
+        """
+        binds: dict[str, dict[str, str]] = {}
+        for m in order.mounts:
+            root = self.volume_paths.get(m.volume)
+            if root is None:
+                if self.volume_paths:
+                    raise BackendError(
+                        f"vfolder {m.name!r} is on volume {m.volume!r}, which this agent does not have "
+                        "(Agent.volume_paths names the volumes it mounts)"
+                    )
+                root = m.volume_path
+            parts = PurePosixPath(m.subpath).parts
+            target = PurePosixPath(m.target)
+            if (
+                not parts
+                or m.subpath.startswith("/")
+                or any(p in ("..", ".") for p in parts)
+                or m.mode not in ("ro", "rw")
+                or not target.is_relative_to(self.kernel_home)
+                or target == PurePosixPath(self.kernel_home)
+                or ".." in target.parts
+            ):
+                raise BackendError(f"refusing a malformed mount of vfolder {m.name!r}: {m.to_json()}")
+            host = Path(root, *parts)
+            if not host.is_dir():
+                raise BackendError(
+                    f"vfolder {m.name!r} is not at {host} on this agent: is volume {m.volume!r} "
+                    "mounted here at the same path as on the gateway (or mapped in Agent.volume_paths)?"
+                )
+            binds[str(host)] = {"bind": str(target), "mode": m.mode}
+        return binds
 
     def _client_connection(self, k: Kernel) -> dict[str, Any]:
         """What the session's owner gets: where the kernel is, its HMAC key and its curve keys.

@@ -50,8 +50,8 @@ def new_nonce() -> str:
     return secrets.token_urlsafe(18)
 
 
-def _string_to_sign(method: str, path: str, date: str, body: bytes, nonce: str) -> bytes:
-    return "\n".join([method.upper(), path, date, hashlib.sha256(body).hexdigest(), nonce]).encode()
+def _string_to_sign(method: str, path: str, date: str, body_sha256: str, nonce: str) -> bytes:
+    return "\n".join([method.upper(), path, date, body_sha256, nonce]).encode()
 
 
 def sign(access_key: str, secret_key: str, method: str, path: str, body: bytes = b"") -> dict[str, str]:
@@ -61,7 +61,8 @@ def sign(access_key: str, secret_key: str, method: str, path: str, body: bytes =
     """
     date = datetime.now(UTC).isoformat(timespec="seconds")
     nonce = new_nonce()
-    sig = hmac.new(secret_key.encode(), _string_to_sign(method, path, date, body, nonce), hashlib.sha256)
+    digest = hashlib.sha256(body).hexdigest()
+    sig = hmac.new(secret_key.encode(), _string_to_sign(method, path, date, digest, nonce), hashlib.sha256)
     return {
         "Authorization": f"{SCHEME} credential={access_key}, signature={sig.hexdigest()}",
         DATE_HEADER: date,
@@ -110,9 +111,18 @@ def verify(
     Returns the request's time. Whether ``nonce`` was seen before is the caller's to check
     (the gateway's replay cache), after this has passed.
     """
+    return verify_digest(secret_key, signature, method, path, date, hashlib.sha256(body).hexdigest(), nonce)
+
+
+def verify_digest(
+    secret_key: str, signature: str, method: str, path: str, date: str, body_sha256: str, nonce: str
+) -> datetime:
+    """:func:`verify` for a body that was hashed as it streamed past (``body_sha256``: hex)."""
     check_nonce(nonce)
     when = check_date(date)
-    expected = hmac.new(secret_key.encode(), _string_to_sign(method, path, date, body, nonce), hashlib.sha256)
+    expected = hmac.new(
+        secret_key.encode(), _string_to_sign(method, path, date, body_sha256, nonce), hashlib.sha256
+    )
     if not hmac.compare_digest(expected.hexdigest(), signature):
         raise SignatureError("signature does not match")
     return when

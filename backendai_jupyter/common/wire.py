@@ -25,6 +25,8 @@ JOIN_TOKEN_HEADER = "X-BackendAI-Join-Token"
 # An agent that lost its link tries again at least this often (seconds), so a restarted gateway
 # knows how long to wait for its agents before it declares their kernels lost.
 AGENT_RECONNECT_MAX = 5.0
+# The kernel user's home in kernel images: vfolders are mounted at KERNEL_HOME/<name>.
+KERNEL_HOME = "/home/work"
 KERNEL_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 
@@ -127,6 +129,31 @@ class AgentRegistration:
 
 
 @dataclass
+class Mount:
+    """A vfolder to bind into a kernel's container.
+
+    ``volume`` names the storage volume and ``subpath`` the vfolder's directory in it; the agent
+    finds the volume at its own path for it (``Agent.volume_paths``), else at ``volume_path``,
+    where the gateway has it. Every agent must see the same filesystem there (NFS, CephFS, ...).
+    """
+
+    volume: str
+    volume_path: str
+    subpath: str
+    target: str  # where the kernel sees it, e.g. /home/work/<name>
+    mode: str  # "rw" or "ro"
+    vfolder_id: str = ""
+    name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Mount:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
 class CreateKernel:
     """The gateway's order to start a kernel for a scheduled session."""
 
@@ -139,6 +166,8 @@ class CreateKernel:
     reuse: dict[str, Any] | None = None
     # Specific devices: plugin → {device id: amount} (amount "1" for a whole device).
     devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    mounts: list[Mount] = field(default_factory=list)
+    working_dir: str = ""  # in the container; "" for the image's own
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -149,6 +178,8 @@ class CreateKernel:
             "owner": self.owner,
             "reuse": self.reuse,
             "devices": self.devices,
+            "mounts": [m.to_json() for m in self.mounts],
+            "working_dir": self.working_dir,
         }
 
     @classmethod
@@ -161,4 +192,6 @@ class CreateKernel:
             owner=d.get("owner", ""),
             reuse=d.get("reuse"),
             devices={k: dict(v) for k, v in (d.get("devices") or {}).items()},
+            mounts=[Mount.from_json(m) for m in d.get("mounts") or []],
+            working_dir=d.get("working_dir") or "",
         )

@@ -46,8 +46,10 @@ from .handlers.sessions import (
 )
 from .jupyter_api import jupyter_handlers_and_settings
 from .replay import NonceCache
-from .requests import ResourceRules
+from .requests import ResourceRules, parse_bytes
 from .sessions import SessionService
+from .vfolders.handlers import vfolder_routes
+from .vfolders.service import VFolderService
 
 log = logging.getLogger(__name__)
 SID = r"(?P<sid>[0-9a-f-]{36})"
@@ -270,6 +272,34 @@ class Gateway(LoggingConfigurable):
             raise ValueError(f"max_request_body: at least 1024 bytes, got {proposal['value']}")
         return proposal["value"]
 
+    storage_volumes = Dict(
+        {},
+        help="Storage volumes vfolders live on: name → directory on this host. In a cluster each is a "
+        "filesystem every agent mounts at the same path (NFS, CephFS, ...; an agent maps another path "
+        "with Agent.volume_paths). Empty: one volume 'local' under data_dir/volumes/local.",
+    ).tag(config=True)
+    default_volume = Unicode(
+        "", help="The volume new vfolders go to unless a request names one; the first volume when empty."
+    ).tag(config=True)
+    vfolder_owner = Unicode(
+        "1000:1000",
+        help="Numeric uid:gid that owns what the file API writes into vfolders: the uid:gid kernels run as "
+        "(Agent.kernel_user), so files are writable from both sides. Run the gateway as root, or as that "
+        "uid, to honour it.",
+    ).tag(config=True)
+    default_vfolder_quota = Unicode(
+        "10g", help="Quota of a vfolder created without one (a size such as '10g' or '500m')."
+    ).tag(config=True)
+    vfolder_usage_interval = Float(
+        60.0,
+        help="Seconds between re-measurements of the vfolders running kernels mount (what kernels "
+        "write shows in the usage at the latest after this long).",
+    ).tag(config=True)
+    max_upload_chunk = Int(
+        64 * 2**20,
+        help="Largest body of one file write (PUT .../content, a chunk of a resumable upload), "
+        "streamed to disk; larger files go in chunks.",
+    ).tag(config=True)
     kernel_env_allowlist = List(
         Unicode(),
         [],
@@ -407,6 +437,9 @@ class Gateway(LoggingConfigurable):
             destroy_retry=self.destroy_retry_interval,
         )
         await self.sessions.start()
+        self.vfolders = self._vfolder_service(sessionmaker)
+        await self.vfolders.start()
+        self.sessions.kernel_ended_with_mounts = self.vfolders.measure_mounted
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
             self.data_dir,
             self.url,
@@ -435,6 +468,7 @@ class Gateway(LoggingConfigurable):
                 (rf"/v1/sessions/{SID}/signal", SignalHandler),
                 (rf"/v1/sessions/{SID}/restart", RestartHandler),
                 (rf"/v1/sessions/{SID}/events", SessionEventsHandler),
+                *vfolder_routes(),
                 (r"/v1/.*", NotFoundHandler),
                 *jupyter_handlers,
             ],
@@ -442,6 +476,8 @@ class Gateway(LoggingConfigurable):
                 **jupyter_settings,
                 "xsrf_cookies": False,
                 "sessions": self.sessions,
+                "vfolders": self.vfolders,
+                "max_upload_chunk": self.max_upload_chunk,
                 "hub": self.hub,
                 "authenticator": self.authenticator,
                 "agent_auth": AgentAuthenticator(
@@ -466,11 +502,31 @@ class Gateway(LoggingConfigurable):
         self.server.listen(self.port, self.ip)
         log.info("gateway listening on %s", self.url)
 
+    def volumes(self) -> dict[str, str]:
+        """The storage volumes, the default one filled in."""
+        return dict(self.storage_volumes) or {"local": str(Path(self.data_dir) / "volumes" / "local")}
+
+    def _vfolder_service(self, sessionmaker: Any) -> VFolderService:
+        volumes = self.volumes()
+        uid, _, gid = self.vfolder_owner.partition(":")
+        if not (uid.isdigit() and (gid or uid).isdigit()):
+            raise ValueError(f"Gateway.vfolder_owner must be a numeric uid:gid, got {self.vfolder_owner!r}")
+        return VFolderService(
+            sessionmaker,
+            volumes,
+            self.default_volume or next(iter(volumes)),
+            (int(uid), int(gid or uid)),
+            parse_bytes(self.default_vfolder_quota, "Gateway.default_vfolder_quota"),
+            self.sessions.mounted_vfolders,
+            self.vfolder_usage_interval,
+        )
+
     def admin_credentials(self) -> dict[str, str]:
         """The first admin's keypair and token, as written on first start."""
         return json.loads(self._secret_file("admin-keypair.json").read_text())
 
     async def stop(self) -> None:
         self.server.stop()
+        await self.vfolders.stop()
         await self.sessions.stop()
         await self.engine.dispose()

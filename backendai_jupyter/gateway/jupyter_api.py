@@ -38,6 +38,7 @@ from traitlets import Set, Unicode, default
 from ..common.errors import ApiError, LaunchError, LaunchTimeout
 from .models import Keypair, User
 from .requests import SessionRequest, validate_env
+from .vfolders.service import resolve_mounts
 
 # The user of the request being served (set once the token is checked).
 _caller: contextvars.ContextVar[User | None] = contextvars.ContextVar("backendai_caller", default=None)
@@ -382,6 +383,8 @@ class KernelsHandler(MainKernelHandler):
                 self.settings["resource_rules"],
             )
             await self.settings["sessions"].check(caller(), req)
+            named = [(n.strip(), "rw") for n in env.get("KERNEL_VFOLDERS", "").split(",") if n.strip()]
+            await resolve_mounts(self.settings["vfolders"], caller(), named, "")
         except ApiError as e:
             raise web.HTTPError(e.status, e.title) from None
         try:

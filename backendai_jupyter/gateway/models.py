@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -43,6 +53,8 @@ class ResourcePolicy(Base):
     max_session_resources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     total_resources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     allowed_images: Mapped[list[str]] = mapped_column(JSON, default=list)
+    max_vfolders: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # all vfolders together
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -101,6 +113,9 @@ class KernelSession(Base):
     bound: Mapped[bool] = mapped_column(Boolean, default=False)
     # The HMAC key the client chose (the launcher relays messages signed with its own key).
     kernel_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # The vfolders mounted into the kernel (wire form) and its working directory in the container.
+    mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    working_dir: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -113,3 +128,67 @@ class SessionTransition(Base):
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VFolder(Base):
+    """A user's folder on a storage volume: mounted into kernels, served by the file API."""
+
+    __tablename__ = "vfolders"
+    __table_args__ = (UniqueConstraint("owner_id", "name_key", name="uq_vfolders_owner_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    # The name while the vfolder is in use, NULL in the trash: names are unique among a user's
+    # live vfolders only, so a trashed one does not block its name.
+    name_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    volume: Mapped[str] = mapped_column(String(64))
+    quota_bytes: Mapped[int] = mapped_column(BigInteger)
+    usage_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    usage_measured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="ready")  # ready, trash
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    trashed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    owner: Mapped[User] = relationship(lazy="joined")
+
+
+class VFolderShare(Base):
+    """A user other than the owner who may use a vfolder, read-only or read-write."""
+
+    __tablename__ = "vfolder_shares"
+
+    vfolder_id: Mapped[str] = mapped_column(ForeignKey("vfolders.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    permission: Mapped[str] = mapped_column(String(2))  # ro, rw
+    # The name the invitee sees it under when they have their own vfolder of its name.
+    alias: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VFolderInvitation(Base):
+    """An owner's offer to share a vfolder; a share exists once the invitee accepts."""
+
+    __tablename__ = "vfolder_invitations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    vfolder_id: Mapped[str] = mapped_column(ForeignKey("vfolders.id", ondelete="CASCADE"), index=True)
+    inviter_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    invitee_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    permission: Mapped[str] = mapped_column(String(2))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, accepted, rejected, canceled
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VFolderUpload(Base):
+    """A resumable upload in progress: the bytes so far are in the volume's staging directory."""
+
+    __tablename__ = "vfolder_uploads"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vfolder_id: Mapped[str] = mapped_column(ForeignKey("vfolders.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -45,6 +45,35 @@ def _slots(body: dict[str, Any], field: str) -> ResourceSlot:
         raise InvalidRequest(f"{field}: {e}") from None
 
 
+def _count(body: dict[str, Any], field: str) -> int | None:
+    value = body.get(field)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidRequest(f"{field} must be a whole number >= 0 (or null for no limit)")
+    return value
+
+
+def parse_bytes(value: object, field: str) -> int:
+    """A size in bytes: a whole number, or a string with a unit ("10g", "500m", "2 GiB")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise InvalidRequest(f"{field} must be >= 0 bytes")
+        return value
+    if isinstance(value, str):
+        try:
+            amount = ResourceSlot.parse({"mem": value.replace(" ", "").replace("iB", "").replace("B", "")})
+            return int(amount["mem"])
+        except (SlotError, KeyError):
+            pass
+    raise InvalidRequest(
+        f"{field} must be a number of bytes or a size such as '10g' or '500m', got {value!r}"
+    )
+
+
+def _bytes(body: dict[str, Any], field: str) -> int | None:
+    value = body.get(field)
+    return None if value is None else parse_bytes(value, field)
+
+
 def _policy_name(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         raise InvalidRequest(f"policy must be a policy name (a string) or null, got {value!r}")
@@ -121,6 +150,9 @@ class SessionRequest:
     restart_of: str | None = None
     key: str = ""
     bound_to_stream: bool = False
+    # vfolders to mount: (name or id, "rw" | "ro"); and where the kernel starts, in the container
+    mounts: tuple[tuple[str, str], ...] = ()
+    working_dir: str = ""
 
     @classmethod
     def from_json(cls, body: dict[str, Any], rules: ResourceRules) -> SessionRequest:
@@ -146,7 +178,43 @@ class SessionRequest:
             restart_of=restart_of,
             key=key or "",
             bound_to_stream=_bool(body, "bound_to_stream"),
+            mounts=_mounts(body.get("mounts")),
+            working_dir=_working_dir(body.get("working_dir")),
         )
+
+
+MAX_MOUNTS = 32
+
+
+def _mounts(value: object) -> tuple[tuple[str, str], ...]:
+    """``mounts``: vfolder names or ids, or ``{"name": ..., "mode": "ro"}`` objects."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_MOUNTS:
+        raise InvalidRequest(f"mounts must be a list of at most {MAX_MOUNTS} vfolder names")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            ref, mode = item, "rw"
+        elif isinstance(item, dict):
+            ref = item.get("name", item.get("id"))
+            mode = item.get("mode", "rw")
+        else:
+            ref, mode = None, None
+        if not isinstance(ref, str) or not ref or mode not in ("ro", "rw"):
+            raise InvalidRequest(
+                'each mount is a vfolder name, or {"name": NAME, "mode": "ro" or "rw"}; got ' + repr(item)
+            )
+        out.append((ref, mode))
+    return tuple(out)
+
+
+def _working_dir(value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > 4096 or "\0" in value:
+        raise InvalidRequest("working_dir must be a path in the container (a string)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -203,14 +271,12 @@ class PolicySpec:
     max_session_resources: ResourceSlot
     total_resources: ResourceSlot
     allowed_images: list[str]
+    max_vfolders: int | None = None
+    max_quota_bytes: int | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> PolicySpec:
-        max_sessions = body.get("max_sessions")
-        if max_sessions is not None and (
-            isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 0
-        ):
-            raise InvalidRequest("max_sessions must be a whole number >= 0 (or null for no limit)")
+        max_sessions = _count(body, "max_sessions")
         images = body.get("allowed_images")
         if images is None:
             images = []
@@ -221,4 +287,6 @@ class PolicySpec:
             _slots(body, "max_session_resources"),
             _slots(body, "total_resources"),
             images,
+            _count(body, "max_vfolders"),
+            _bytes(body, "max_quota_bytes"),
         )

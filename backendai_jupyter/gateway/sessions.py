@@ -11,6 +11,7 @@ import fnmatch
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,7 +30,7 @@ from ..common.errors import (
 )
 from ..common.slots import ResourceSlot, format_amount, total
 from ..common.states import ALLOCATED_STATES, SessionState, is_forward
-from ..common.wire import AGENT_RECONNECT_MAX, AgentRegistration, CreateKernel, KernelReport
+from ..common.wire import AGENT_RECONNECT_MAX, AgentRegistration, CreateKernel, KernelReport, Mount
 from .events import EventHub
 from .models import Agent, KernelSession, ResourcePolicy, SessionTransition, User
 from .registry import AgentRegistry
@@ -69,6 +70,20 @@ class Live:
     previous: tuple[str, dict[str, Any]] | None = None
     key: str = ""  # the kernel's HMAC key, when the client chose it (the launcher relays as is)
     bound: bool = False  # ends when its client's event stream is gone
+    mounts: list[Mount] = field(default_factory=list)  # vfolders, as the vfolder service resolved them
+    working_dir: str = ""
+
+    def order(self) -> CreateKernel:
+        """The order that starts (or restarts) this session's kernel."""
+        return CreateKernel(
+            self.id,
+            self.image,
+            self.resources,
+            self.env,
+            self.owner_id,
+            mounts=list(self.mounts),
+            working_dir=self.working_dir,
+        )
 
 
 def session_json(row: KernelSession, *, with_connection: bool) -> dict[str, Any]:
@@ -84,6 +99,16 @@ def session_json(row: KernelSession, *, with_connection: bool) -> dict[str, Any]
         "agent": row.agent_id,
         "devices": row.devices or {},
         "exit_code": row.exit_code,
+        "mounts": [
+            {
+                "vfolder_id": m.get("vfolder_id"),
+                "name": m.get("name"),
+                "path": m.get("target"),
+                "mode": m.get("mode"),
+            }
+            for m in row.mounts or []
+        ],
+        "working_dir": row.working_dir or "",
         "created_at": _iso(row.created_at),
         "updated_at": _iso(row.updated_at),
     }
@@ -155,6 +180,8 @@ class SessionService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scheduler: asyncio.Task[None] | None = None
         self._stopped = False
+        # Called with the vfolders a kernel mounted read-write once it is over (their usage changed).
+        self.kernel_ended_with_mounts: Callable[[list[str]], Awaitable[None]] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -178,6 +205,8 @@ class SessionService:
                     reason=row.reason,
                     key=row.kernel_key or "",
                     bound=bool(row.bound),
+                    mounts=[Mount.from_json(m) for m in row.mounts or []],
+                    working_dir=row.working_dir or "",
                 )
                 self.live[row.id] = live
                 if row.agent_id and state.holds_resources:
@@ -224,8 +253,19 @@ class SessionService:
         """Everything ``create`` would refuse, refused now, without creating anything."""
         await self._check_placeable(user, req.image, req.resources)
 
-    async def create(self, user: User, access_key: str, req: SessionRequest) -> dict[str, Any]:
-        """Check a parsed request against policy and capacity, and queue it; placement follows at once."""
+    async def create(
+        self,
+        user: User,
+        access_key: str,
+        req: SessionRequest,
+        mounts: list[Mount] | None = None,
+        working_dir: str = "",
+    ) -> dict[str, Any]:
+        """Check a parsed request against policy and capacity, and queue it; placement follows at once.
+
+        ``mounts`` and ``working_dir`` come from the vfolder service, already checked.
+        """
+        mounts = list(mounts or [])
         image, name, resources, env = req.image, req.name, req.resources, req.env
         previous = await self._previous(user, req.restart_of)
         key, bound = req.key, req.bound_to_stream
@@ -248,6 +288,8 @@ class SessionService:
                     reason=reason,
                     bound=bound,
                     kernel_key=key or None,
+                    mounts=[m.to_json() for m in mounts],
+                    working_dir=working_dir,
                     created_at=now,
                     updated_at=now,
                 )
@@ -267,6 +309,8 @@ class SessionService:
                 previous=previous,
                 key=key,
                 bound=bound,
+                mounts=mounts,
+                working_dir=working_dir,
             )
         self._publish(row, first.id)
         self._wakeup.set()
@@ -482,10 +526,7 @@ class SessionService:
         """Replace the kernel's container with a fresh one on the same ports and key."""
         await self.get_row(user, sid)
         live = self._running(sid)
-        await self._link(live).call(
-            "restart_kernel",
-            CreateKernel(sid, live.image, live.resources, live.env, live.owner_id).to_json(),
-        )
+        await self._link(live).call("restart_kernel", live.order().to_json())
         return session_json(await self.get_row(user, sid), with_connection=True)
 
     def _running(self, sid: str) -> Live:
@@ -705,7 +746,7 @@ class SessionService:
 
     async def _start_on_agent(self, live: Live, alloc: Allocation) -> None:
         link = self.registry.get(live.agent_id or "")
-        order = CreateKernel(live.id, live.image, live.resources, live.env, live.owner_id)
+        order = live.order()
         order.devices = alloc.devices_json()
         if live.previous and live.previous[0] == live.agent_id:
             order.reuse = live.previous[1]
@@ -725,6 +766,14 @@ class SessionService:
             await self._order_destroy(live.agent_id or "", live.id)
 
     # -- state changes ---------------------------------------------------------------------
+
+    def mounted_vfolders(self) -> dict[str, list[str]]:
+        """vfolder id → the sessions not yet over that mount it."""
+        out: dict[str, list[str]] = {}
+        for live in self.live.values():
+            for m in live.mounts:
+                out.setdefault(m.vfolder_id, []).append(live.id)
+        return out
 
     def stream_opened(self, sid: str) -> None:
         self._streams[sid] = self._streams.get(sid, 0) + 1
@@ -790,6 +839,9 @@ class SessionService:
             live.state = state
             live.reason = reason
             if state.is_terminal:
+                written = [m.vfolder_id for m in live.mounts if m.mode == "rw"]
+                if written and self.kernel_ended_with_mounts is not None:
+                    self._spawn(self.kernel_ended_with_mounts(written))  # what it wrote counts now
                 del self.live[sid]
                 self._locks.pop(sid, None)
                 self._streams.pop(sid, None)

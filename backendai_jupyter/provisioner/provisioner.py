@@ -16,13 +16,14 @@ from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, Dict, Float, List, Unicode, default
+from traitlets import Bool, Dict, Float, List, Unicode, Union, default
 
 from ..common.clientconfig import ClientConfig, default_path
 from ..common.errors import ApiError, Conflict, LaunchError, LaunchTimeout
 from ..common.kernelenv import is_denied
 from ..common.states import SessionState
 from ..common.tls import ca_file_from_env
+from ..common.wire import KERNEL_HOME
 from .client import GatewayClient, SessionWatch
 
 
@@ -98,6 +99,12 @@ class BackendAIProvisioner(KernelProvisionerBase):
         ["KERNEL_*"],
         help="Names (glob patterns) of local environment variables passed to the remote kernel, "
         "besides the kernelspec's own env.",
+    ).tag(config=True)
+
+    mounts = List(
+        Union([Unicode(), Dict()]),
+        help="vfolders to mount into the kernel at /home/work/<name>: names, or "
+        '{"name": NAME, "mode": "ro"} objects. KERNEL_VFOLDERS (comma-separated names) adds to them.',
     ).tag(config=True)
 
     bind_to_stream = Bool(
@@ -217,7 +224,27 @@ class BackendAIProvisioner(KernelProvisionerBase):
         }
         kwargs["remote_env"] = remote
         kwargs["cmd"] = list(self.kernel_spec.argv)
+        kwargs["vfolders"] = self._vfolder_request(remote, kwargs.get("cwd"))
         return kwargs
+
+    def _vfolder_request(self, env: dict[str, str], cwd: str | None) -> dict[str, Any]:
+        """The vfolders to mount and where the kernel starts.
+
+        Jupyter names the notebook's folder: ``cwd`` on start_kernel, or ``KERNEL_WORKING_DIR``
+        from a Kernel Gateway client. With the vfolder contents manager that is the folder's
+        place in the container (``/home/work/<vfolder>/...``), and the gateway mounts that vfolder
+        and starts the kernel there. Anything else is a local path that means nothing in the
+        container: the image's own working directory stays.
+        """
+        out: dict[str, Any] = {}
+        mounts = list(self.mounts)
+        mounts += [n.strip() for n in env.get("KERNEL_VFOLDERS", "").split(",") if n.strip()]
+        if mounts:
+            out["mounts"] = mounts
+        where = env.get("KERNEL_WORKING_DIR") or cwd or ""
+        if where.startswith(KERNEL_HOME + "/"):
+            out["working_dir"] = where
+        return out
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Create a kernel session, wait for it to run, and return how to reach it."""
@@ -226,6 +253,7 @@ class BackendAIProvisioner(KernelProvisionerBase):
             "resources": dict(self.resources),
             "env": kwargs.get("remote_env", {}),
             "name": f"jupyter:{self.kernel_id}",
+            **kwargs.get("vfolders", {}),
         }
         if self.bind_to_stream:
             body["bound_to_stream"] = True

@@ -45,6 +45,7 @@ class KernelLaunch:
     connection_file: str  # on the host, mounted read-only into the container
     device_requests: list[Any] = field(default_factory=list)  # from accelerator plugins
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
+    working_dir: str = ""  # in the container; "" for the image's own
 
 
 @dataclass

@@ -164,6 +164,8 @@ class DockerBackend(ContainerBackend):
             init=needs_init,
             detach=True,
         )
+        if launch.working_dir:
+            kwargs["working_dir"] = launch.working_dir
 
         def create_and_start() -> str:
             try:

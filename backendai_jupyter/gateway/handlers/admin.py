@@ -35,6 +35,8 @@ def policy_json(p: ResourcePolicy) -> dict[str, Any]:
         "max_session_resources": p.max_session_resources,
         "total_resources": p.total_resources,
         "allowed_images": p.allowed_images,
+        "max_vfolders": p.max_vfolders,
+        "max_quota_bytes": p.max_quota_bytes,
     }
 
 
@@ -155,6 +157,8 @@ class PolicyHandler(AdminHandler):
             policy.max_session_resources = spec.max_session_resources.to_json()
             policy.total_resources = spec.total_resources.to_json()
             policy.allowed_images = spec.allowed_images
+            policy.max_vfolders = spec.max_vfolders
+            policy.max_quota_bytes = spec.max_quota_bytes
         self.write_json(policy_json(policy))
 
     async def delete(self, name: str) -> None:

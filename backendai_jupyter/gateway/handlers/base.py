@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import secrets
@@ -73,21 +74,35 @@ class AuthMixin:
         self.access_key = access_key
         self._signed = (signature, await auth.lookup(access_key))
 
-    def verify_signature(self, body: bytes) -> None:
-        """For a signed request, check the signature over the body as read; a no-op for tokens."""
+    def claimed_user(self) -> User | None:
+        """Who the request says it is, before a signed body is checked (None: nobody known).
+
+        For handlers that must act while the body streams in (files going to disk); what they
+        do stays undone until :meth:`verify_signature` has passed.
+        """
+        if self._signed is None:
+            return self.current_user
+        found = self._signed[1]
+        return found[1] if found is not None and not found[1].disabled else None
+
+    def verify_signature(self, body: bytes, *, digest: str | None = None) -> None:
+        """For a signed request, check the signature over the body as read; a no-op for tokens.
+
+        A body streamed to disk instead of memory passes its sha256 (hex) as ``digest``.
+        """
         if self._signed is None:
             return
         signature, found = self._signed
         secret, user = found if found is not None else (_NO_SECRET, None)
         nonce = self.request.headers.get(signing.NONCE_HEADER, "")
         try:
-            when = signing.verify(
+            when = signing.verify_digest(
                 secret,
                 signature,
                 self.request.method,
                 self.request.uri,
                 self.request.headers.get(signing.DATE_HEADER, ""),
-                body,
+                digest if digest is not None else hashlib.sha256(body).hexdigest(),
                 nonce,
             )
         except signing.SignatureError as e:

@@ -10,6 +10,7 @@ from tornado import websocket
 
 from ...common.errors import ApiError
 from ..requests import SessionRequest, SignalRequest
+from ..vfolders.service import resolve_mounts
 from .base import ApiHandler, AuthMixin
 
 
@@ -23,7 +24,11 @@ class SessionsHandler(ApiHandler):
 
     async def post(self) -> None:
         req = SessionRequest.from_json(self.json_body(), self.settings["resource_rules"])
-        model = await self.sessions.create(self.current_user, self.access_key, req)
+        # Refused here, before anything is placed, when the user may not mount one of them.
+        mounts, working_dir = await resolve_mounts(
+            self.settings["vfolders"], self.current_user, list(req.mounts), req.working_dir
+        )
+        model = await self.sessions.create(self.current_user, self.access_key, req, mounts, working_dir)
         self.set_header("Location", f"/v1/sessions/{model['id']}")
         self.write_json(model, status=201)
 

@@ -1,0 +1,1 @@
+"""Users' folders on storage volumes: the model, the service, the file API."""
