@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import itertools
 from base64 import b64decode, b64encode, encodebytes
 from collections.abc import AsyncIterator
@@ -36,11 +35,6 @@ from backendai_jupyter.provisioner.extension import use_vfolder_cwd
 from .inproc import Caller, InprocGateway, running_gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-# Until the gateway serves the vfolder file API, only the file manager's side runs.
-needs_vfolders = pytest.mark.skipif(
-    importlib.util.find_spec("backendai_jupyter.gateway.vfolders") is None,
-    reason="the gateway's vfolder file API is not on this branch yet",
-)
 
 _names = itertools.count()
 
@@ -72,7 +66,7 @@ async def new_vfolder(user: Caller, name: str | None = None) -> dict[str, Any]:
     return dict(await user("POST", "/v1/vfolders", {"name": name or f"vf{next(_names)}"}))
 
 
-@pytest_asyncio.fixture(params=["local", pytest.param("vfolder", marks=needs_vfolders)], loop_scope="module")
+@pytest_asyncio.fixture(params=["local", "vfolder"], loop_scope="module")
 async def cm(request: pytest.FixtureRequest, tmp_path: Path, gateway: InprocGateway, ann: Caller) -> Any:
     """Each contents manager, on an empty root of its own."""
     if request.param == "local":
@@ -558,7 +552,6 @@ async def test_checkpoints_follow_renames_and_go_with_deletes(cm: Any) -> None:
 # -- only vfolders: the top level and read-only shares ------------------------------------------------
 
 
-@needs_vfolders
 async def test_the_top_level_lists_own_and_shared_vfolders(gateway: InprocGateway) -> None:
     eve = await gateway.user(f"eve{next(_names)}")
     bob = await gateway.user(f"bob{next(_names)}")
@@ -581,7 +574,6 @@ async def test_the_top_level_lists_own_and_shared_vfolders(gateway: InprocGatewa
     assert await status_of(cm.get("gamma")) == 404
 
 
-@needs_vfolders
 async def test_a_folder_made_at_the_top_level_is_a_new_vfolder(gateway: InprocGateway) -> None:
     eve = await gateway.user(f"eve{next(_names)}")
     cm = vfolder_cm(gateway, eve)
@@ -595,7 +587,6 @@ async def test_a_folder_made_at_the_top_level_is_a_new_vfolder(gateway: InprocGa
     assert (await cm.save({"type": "directory"}, "gamma"))["path"] == "gamma"  # exists: fine
 
 
-@needs_vfolders
 async def test_files_cannot_be_made_at_the_top_level(gateway: InprocGateway) -> None:
     eve = await gateway.user(f"eve{next(_names)}")
     cm = vfolder_cm(gateway, eve)
@@ -609,7 +600,6 @@ async def test_files_cannot_be_made_at_the_top_level(gateway: InprocGateway) -> 
     assert await status_of(cm.save(chunk, "c")) == 403
 
 
-@needs_vfolders
 async def test_renaming_and_deleting_at_the_top_level_act_on_vfolders(gateway: InprocGateway) -> None:
     eve = await gateway.user(f"eve{next(_names)}")
     bob = await gateway.user(f"bob{next(_names)}")
@@ -630,7 +620,6 @@ async def test_renaming_and_deleting_at_the_top_level_act_on_vfolders(gateway: I
     assert [v["name"] for v in trash] == ["new"]
 
 
-@needs_vfolders
 async def test_files_move_and_copy_between_vfolders(gateway: InprocGateway) -> None:
     eve = await gateway.user(f"eve{next(_names)}")
     await new_vfolder(eve, "one")
@@ -643,7 +632,6 @@ async def test_files_move_and_copy_between_vfolders(gateway: InprocGateway) -> N
     assert (await cm.get("two/b.txt"))["content"] == "A"
 
 
-@needs_vfolders
 async def test_a_read_only_share_is_read_only_everywhere(gateway: InprocGateway) -> None:
     eve = await gateway.user(f"eve{next(_names)}")
     bob = await gateway.user(f"bob{next(_names)}")
@@ -677,7 +665,6 @@ async def test_a_read_only_share_is_read_only_everywhere(gateway: InprocGateway)
     assert (await cm.get("d/book.txt"))["content"] == "words"
 
 
-@needs_vfolders
 async def test_an_unknown_root_vfolder_is_404(gateway: InprocGateway, ann: Caller) -> None:
     cm = vfolder_cm(gateway, ann, root_vfolder="does-not-exist")
     assert await status_of(cm.get("")) == 404

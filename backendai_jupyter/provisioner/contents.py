@@ -61,8 +61,9 @@ from ..common import signing
 from ..common.clientconfig import ClientConfig
 from ..common.errors import LaunchError
 from ..common.tls import ENV_CA_FILE, client_context, untrusted
+from ..common.wire import KERNEL_HOME
 
-VFOLDER_MOUNT = "/home/work"  # where kernels see the user's vfolders, one directory each
+VFOLDER_MOUNT = KERNEL_HOME  # where kernels see the user's vfolders, one directory each
 CHECKPOINT_ID = "checkpoint"
 ENTRY_HEADER = "X-BackendAI-Entry"
 # The gateway takes request bodies up to 64 MiB; bigger files go up in resumable chunks.
