@@ -32,6 +32,7 @@ uploads) does, with the same models and HTTP errors, except where the storage di
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import itertools
 import json
@@ -52,9 +53,12 @@ from urllib.parse import quote
 
 import nbformat
 from anyio.to_thread import run_sync
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.files.handlers import FilesHandler
 from jupyter_server.services.contents.checkpoints import AsyncCheckpoints
 from jupyter_server.services.contents.manager import AsyncContentsManager, copy_pat
 from tornado import httpclient, web
+from tornado.http1connection import HTTP1Connection
 from traitlets import Bool, Enum, Float, Int, Unicode, default
 
 from ..common import signing
@@ -186,10 +190,13 @@ class VFolderClient:
         signed: dict[str, str] | None = None,
         timeout: float = 300.0,
         streaming_callback: Callable[[bytes], Any] | None = None,
+        header_callback: Callable[[str], None] | None = None,
     ) -> httpclient.HTTPResponse:
         """One signed request; a :class:`GatewayError` unless it succeeds.
 
         ``signed``: headers from :meth:`sign` made beforehand (for bodies hashed off the loop).
+        ``streaming_callback`` gets the body of a successful answer only (what it returns is
+        awaited before more is read); ``header_callback`` gets each header line.
         """
         if signed is None:
             if len(body) > _HASH_OFF_LOOP:
@@ -197,6 +204,26 @@ class VFolderClient:
             else:
                 signed = self.sign(method, path, body)
         h = {**signed, "Content-Type": content_type, **(headers or {})}
+        status = 0
+        error_body = bytearray()
+        on_chunk: Callable[[bytes], Any] | None = None
+        on_header: Callable[[str], None] | None = header_callback
+        if streaming_callback is not None:
+            sink = streaming_callback
+
+            def on_header(line: str) -> None:
+                nonlocal status
+                if line.startswith("HTTP/"):
+                    status = int(line.split(" ", 2)[1])
+                if header_callback is not None:
+                    header_callback(line)
+
+            def on_chunk(chunk: bytes) -> Any:
+                if status >= 400:
+                    error_body.extend(chunk)
+                    return None
+                return sink(chunk)
+
         req = httpclient.HTTPRequest(
             self.base + path,
             method=method,
@@ -207,7 +234,8 @@ class VFolderClient:
             connect_timeout=10,
             decompress_response=False,
             ssl_options=self._ssl_options(),
-            streaming_callback=streaming_callback,
+            streaming_callback=on_chunk,
+            header_callback=on_header,
         )
         try:
             resp = await self._http().fetch(req, raise_error=False)
@@ -218,7 +246,7 @@ class VFolderClient:
         if resp.code == 599:
             raise self._unreachable(resp.error)
         if resp.code >= 400:
-            raise self._error(resp)
+            raise self._error(resp, bytes(error_body) if streaming_callback is not None else resp.body)
         return resp
 
     async def call(self, method: str, path: str, body: Any = None, timeout: float = 300.0) -> Any:
@@ -236,9 +264,9 @@ class VFolderClient:
             "gateway-unreachable",
         )
 
-    def _error(self, resp: httpclient.HTTPResponse) -> GatewayError:
+    def _error(self, resp: httpclient.HTTPResponse, body: bytes) -> GatewayError:
         try:
-            payload = json.loads(resp.body) if resp.body else None
+            payload = json.loads(body) if body else None
         except ValueError:
             payload = None
         title = f"the gateway answered HTTP {resp.code}"
@@ -388,6 +416,14 @@ class VFolderContentsManager(AsyncContentsManager):
     @default("checkpoints_class")
     def _checkpoints_class_default(self) -> type:
         return VFolderCheckpoints
+
+    @default("files_handler_class")
+    def _files_handler_class_default(self) -> type:
+        return VFolderFilesHandler
+
+    @default("files_handler_params")
+    def _files_handler_params_default(self) -> dict[str, Any]:
+        return {"path": ""}  # FilesHandler is a StaticFileHandler, which wants one; nothing is read there
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -1476,3 +1512,103 @@ class VFolderCheckpoints(AsyncCheckpoints):
     async def delete_all_checkpoints(self, path: str) -> None:
         for cp in await self.list_checkpoints(path):
             await self.delete_checkpoint(cp["id"], path)
+
+
+class VFolderFilesHandler(FilesHandler):
+    """``/files/<path>``: a file streamed from its vfolder as it arrives from the gateway.
+
+    Answers as jupyter_server's FilesHandler does (content type, ``?download=1``, the sandbox
+    policy), without holding the file in memory or going through base64. A file whose name
+    says nothing of its type is served as text when its first chunk is UTF-8.
+    """
+
+    @web.authenticated
+    @authorized
+    async def get(self, path: str, include_body: bool = True) -> None:  # type: ignore[override]
+        self.check_xsrf_cookie()
+        cm = self.contents_manager
+        if not isinstance(cm, VFolderContentsManager):
+            raise web.HTTPError(500, "VFolderFilesHandler serves files for VFolderContentsManager only")
+        path = cm._norm(path)
+        if not cm.allow_hidden and _hidden(path):
+            raise web.HTTPError(404)
+        name = path.rsplit("/", 1)[-1]
+        t = await cm._target(path) if not cm._at_top(path) else None
+        if t is None or t.vf is None:
+            raise web.HTTPError(400, f"{path or '/'} is a directory, not a file", reason="bad type")
+        if self.get_argument("download", None):
+            self.set_attachment_header(name)
+        if not include_body:
+            try:
+                entry = await cm._stat(t)
+            except web.HTTPError as e:
+                if e.status_code == 404:
+                    raise web.HTTPError(404, f"No such file or directory: {path}") from None
+                raise
+            if entry.get("type") == "directory":
+                raise web.HTTPError(400, f"{path} is a directory, not a file", reason="bad type")
+            self._content_type(name, None)
+            return
+        started = False
+        decoder = codecs.getincrementaldecoder("utf8")()
+
+        def on_header(line: str) -> None:
+            key, _, value = line.partition(":")
+            if key.lower() == "content-length":
+                self.set_header("Content-Length", value.strip())
+
+        def on_chunk(chunk: bytes) -> Any:
+            nonlocal started
+            if not started:
+                started = True
+                try:
+                    decoder.decode(chunk, final=False)
+                    self._content_type(name, "text")
+                except UnicodeDecodeError:
+                    self._content_type(name, "base64")
+            self.write(chunk)
+            return self.flush()
+
+        try:
+            await cm.api.fetch(
+                "GET",
+                f"{t.base}/download?path={_q(t.sub)}",
+                streaming_callback=on_chunk,
+                header_callback=on_header,
+                timeout=24 * 3600,
+            )
+        except web.HTTPError as e:
+            if started:  # the answer is under way: all that is left is to cut it short
+                cm.log.warning("Serving %s failed midway: %s", path, e)
+                conn = self.request.connection
+                if isinstance(conn, HTTP1Connection):
+                    conn.close()
+                return
+            self.clear_header("Content-Length")
+            if e.status_code == 404:
+                raise web.HTTPError(404, f"No such file or directory: {path}") from None
+            if e.status_code == 409:
+                raise web.HTTPError(400, f"{path} is a directory, not a file", reason="bad type") from None
+            raise
+        if not started:
+            self._content_type(name, "text")
+        await self.finish()
+
+    def _content_type(self, name: str, format: str | None) -> None:
+        """The content type FilesHandler gives: by name, else by the content's format."""
+        if name.lower().endswith(".ipynb"):
+            self.set_header("Content-Type", "application/x-ipynb+json")
+            return
+        mime, encoding = mimetypes.guess_type(name)
+        if mime == "text/plain":
+            self.set_header("Content-Type", "text/plain; charset=UTF-8")
+        if encoding == "gzip":
+            self.set_header("Content-Type", "application/gzip")
+        elif encoding is not None:
+            self.set_header("Content-Type", "application/octet-stream")
+        elif mime is not None:
+            self.set_header("Content-Type", mime)
+        elif format != "text":
+            self.set_header("Content-Type", "application/octet-stream")
+        else:
+            self.set_header("Content-Type", "text/plain; charset=UTF-8")
