@@ -19,14 +19,22 @@ uploads) does, with the same models and HTTP errors, except where the storage di
   ``FileContentsManager`` does when ``delete_to_trash`` is off.
 - Everything in a read-only share is ``writable: false`` and every write to it is refused with
   403 (``FileContentsManager`` would keep checkpoints of a read-only directory in /tmp).
-- Hidden means a path component starting with a dot (there are no hidden-file flags).
-- ``created`` is the entry's ctime; a vfolder listed at the top level has its creation time as
-  ``last_modified`` too.
-- Copying a folder is not limited by ``max_copy_folder_size_mb`` (the vfolder's quota applies).
+- Hidden means a path component starting with a dot (there are no hidden-file flags). Saving a
+  hidden file while ``allow_hidden`` is off is refused (400) before anything is written;
+  ``FileContentsManager`` writes it and then answers 404, as it cannot read it back.
+- ``created`` is the entry's ctime (never after its mtime: the gateway renames a written file
+  into place); a vfolder listed at the top level has its creation time as ``last_modified``.
+- Copying a folder is not limited by ``max_copy_folder_size_mb`` (the vfolder's quota applies),
+  and the gateway copies it (and a file) in one request: nothing passes through this server.
+  Files move and copy between vfolders through this server; folders do not (400).
 - Post-save hooks get the path as kernels see it (``/home/work/<vfolder>/<path>``) as ``os_path``:
   nothing is on this server's disk.
 - A chunked upload (``chunk`` in the model) is staged on this server and written to the vfolder
   when its last chunk arrives, in one atomic step; until then the file keeps its old content.
+- A notebook that does not parse is 400, with no recovery from an atomic-write leftover (the
+  gateway replaces files atomically, so there is none).
+- ``/files/`` streams (:class:`VFolderFilesHandler`); a file whose name says nothing of its type
+  is served as text when its first chunk is UTF-8, not the whole file.
 """
 
 from __future__ import annotations
