@@ -78,6 +78,26 @@ def test_upload_a_csv_run_a_notebook_on_it_and_find_everything_saved(
         shot("last")
 
 
+def _upload(browser, path: Path) -> None:
+    """Drop a file on the file browser, as a user dragging it there from the desktop does.
+
+    JupyterLab's Upload button opens an ``<input type=file>`` that is never in the page, so a
+    test cannot hand it a file; a drop goes through the same upload code (in chunks when big).
+    """
+    picker = browser.execute_script(
+        "const i = document.createElement('input'); i.type = 'file'; i.id = 'test-upload';"
+        "i.style.display = 'none'; document.body.appendChild(i); return i;"
+    )
+    picker.send_keys(str(path))
+    # The drop carries the files alone (no directory entries), which JupyterLab uploads as they are.
+    browser.execute_script(
+        "const files = document.getElementById('test-upload').files;"
+        "const drop = new Event('drop', {bubbles: true, cancelable: true});"
+        "Object.defineProperty(drop, 'dataTransfer', {value: {files: files}});"
+        "document.querySelector('.jp-FileBrowser .jp-DirListing-content').dispatchEvent(drop);"
+    )
+
+
 def _listed(browser) -> list[str]:
     items = browser.find_elements(By.CSS_SELECTOR, ".jp-FileBrowser .jp-DirListing-itemText")
     return [i.text for i in items]
@@ -94,8 +114,7 @@ def _story(stack: Stack, vf: dict, browser, wait: WebDriverWait, csv: Path, shot
     shot("vfolder-open")
 
     # Upload the CSV through the file browser's upload input (what its Upload button opens).
-    upload = browser.find_element(By.CSS_SELECTOR, ".jp-FileBrowser input[type=file]")
-    upload.send_keys(str(csv))
+    _upload(browser, csv)
     wait.until(lambda b: csv.name in _listed(b))
     shot("csv-uploaded")
     vid = vf["id"]
@@ -104,7 +123,17 @@ def _story(stack: Stack, vf: dict, browser, wait: WebDriverWait, csv: Path, shot
 
     # A Backend.AI notebook next to it, from the launcher.
     browser.find_element(By.CSS_SELECTOR, '.jp-FileBrowser [data-command="launcher:create"]').click()
-    card = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f'.jp-LauncherCard[title="{CARD}"]')))
+    # JupyterLab opens with a launcher already: the card to click is the one on show.
+    card = wait.until(
+        lambda b: next(
+            (
+                c
+                for c in b.find_elements(By.CSS_SELECTOR, f'.jp-LauncherCard[title="{CARD}"]')
+                if c.is_displayed()
+            ),
+            False,
+        )
+    )
     card.click()
     wait.until(ec.presence_of_element_located((By.XPATH, f"//*[contains(text(), '{CARD} | Idle')]")))
     shot("notebook-started")
@@ -122,6 +151,15 @@ def _story(stack: Stack, vf: dict, browser, wait: WebDriverWait, csv: Path, shot
     # Save (Ctrl+S) and wait until the notebook is clean.
     browser.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel").click()
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.CONTROL, "s")
+    # JupyterLab 4 offers to rename an untitled notebook on its first save: keep the name.
+    first_save = wait.until(
+        lambda b: (
+            b.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept")
+            or not b.find_elements(By.CSS_SELECTOR, ".jp-mod-current.jp-mod-dirty")
+        )
+    )
+    if isinstance(first_save, list):
+        first_save[0].click()
     wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, ".jp-mod-current.jp-mod-dirty"))
     shot("saved")
 
