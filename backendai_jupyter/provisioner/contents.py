@@ -573,8 +573,14 @@ class VFolderContentsManager(AsyncContentsManager):
         entry = json.loads(raw) if raw else await self._stat(t)
         return resp.body, entry
 
-    async def _put(self, t: _Target, data: bytes) -> dict[str, Any]:
-        """Write a whole file (atomically replacing it); its entry."""
+    def _content_path(self, t: _Target) -> str:
+        return f"{t.base}/content?path={_q(t.sub)}"
+
+    async def _put(self, t: _Target, data: bytes, signed: dict[str, str] | None = None) -> dict[str, Any]:
+        """Write a whole file (atomically replacing it); its entry.
+
+        ``signed``: the PUT's headers from ``api.sign``, made where the bytes were made.
+        """
         if len(data) > MAX_PUT_BYTES:
             view = memoryview(data)
             pos = 0
@@ -587,7 +593,7 @@ class VFolderContentsManager(AsyncContentsManager):
 
             return await self._upload(t, read, len(data))
         resp = await self.api.fetch(
-            "PUT", f"{t.base}/content?path={_q(t.sub)}", data, content_type="application/octet-stream"
+            "PUT", self._content_path(t), data, content_type="application/octet-stream", signed=signed
         )
         entry: dict[str, Any] = json.loads(resp.body)
         return entry
@@ -999,19 +1005,28 @@ class VFolderContentsManager(AsyncContentsManager):
 
     async def _save_file(self, t: _Target, model: dict[str, Any]) -> dict[str, Any]:
         validation_error: dict[str, Any] = {}
+        signed: dict[str, str] | None = None
         cps: asyncio.Future[Any] | None = None
         try:
             if model["type"] == "notebook":
                 nb = _nbformat.from_dict(model["content"])
                 self.check_and_sign(nb, t.path)
-                data, validation_error = await run_sync(_write_notebook, nb)
+                api, content_path = self.api, self._content_path(t)
+
+                def serialise() -> tuple[bytes, dict[str, Any], dict[str, str] | None]:
+                    data, validation_error = _write_notebook(nb)
+                    # Sign in the same worker-thread trip (the signature hashes the bytes).
+                    fits = len(data) <= MAX_PUT_BYTES
+                    return data, validation_error, api.sign("PUT", content_path, data) if fits else None
+
+                data, validation_error, signed = await run_sync(serialise)
                 # One checkpoint should always exist for notebooks: look while the file goes up
                 # (unless this server saw it lately).
                 if not self._checkpoints.seen(t.path):
                     cps = asyncio.ensure_future(self._checkpoints.list_checkpoints(t.path))
             else:
                 data = _decode_content(model["content"], model.get("format"), t.path)
-            entry = await self._put(t, data)
+            entry = await self._put(t, data, signed)
             if cps is not None and not await cps:
                 await self._checkpoints.create_checkpoint(self, t.path)
         except web.HTTPError:
