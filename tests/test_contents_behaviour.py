@@ -33,6 +33,7 @@ from backendai_jupyter.provisioner.contents import VFolderContentsManager, vfold
 from backendai_jupyter.provisioner.extension import use_vfolder_cwd
 
 from .inproc import Caller, InprocGateway, running_gateway
+from .test_vfolders_api import vfolder_dir
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -74,9 +75,12 @@ async def cm(request: pytest.FixtureRequest, tmp_path: Path, gateway: InprocGate
         root.mkdir()
         manager: Any = AsyncLargeFileManager(root_dir=str(root), delete_to_trash=False)
         manager.notary = _notary()
+        manager.disk_root = root  # where its files are, for what only the disk can make
         return manager
     vf = await new_vfolder(ann)
-    return vfolder_cm(gateway, ann, root_vfolder=vf["name"])
+    manager = vfolder_cm(gateway, ann, root_vfolder=vf["name"])
+    manager.disk_root = vfolder_dir(gateway, vf)
+    return manager
 
 
 def notebook(*sources: str) -> dict[str, Any]:
@@ -235,6 +239,18 @@ async def test_a_directory_with_a_dot_in_its_name_is_still_a_directory(cm: Any) 
     assert model["type"] == "directory" and names(model) == ["x.txt"]
     await save_text(cm, "Makefile", "all:\n")
     assert (await cm.get("Makefile"))["content"] == "all:\n"
+
+
+async def test_links_show_as_what_they_lead_to(cm: Any) -> None:
+    await cm.save({"type": "directory"}, "real")
+    await save_text(cm, "real/f.txt", "through a link")
+    (cm.disk_root / "dlink").symlink_to("real")
+    (cm.disk_root / "flink.txt").symlink_to("real/f.txt")
+    listed = {m["name"]: m["type"] for m in (await cm.get(""))["content"]}
+    assert listed == {"real": "directory", "dlink": "directory", "flink.txt": "file"}
+    assert names(await cm.get("dlink")) == ["f.txt"]
+    assert (await cm.get("flink.txt"))["content"] == "through a link"
+    assert (await cm.get("dlink/f.txt"))["content"] == "through a link"
 
 
 async def test_asking_for_the_wrong_type_is_400(cm: Any) -> None:
