@@ -960,7 +960,13 @@ class ChunkSink:
 
     async def commit(self) -> dict[str, Any]:
         offset = self.staged.size
-        out: dict[str, Any] = {"upload_id": self.up.id, "offset": offset, "size": self.up.size, "done": False}
+        out: dict[str, Any] = {
+            "upload_id": self.up.id,
+            "offset": offset,
+            "size": self.up.size,
+            "path": self.up.path,
+            "done": False,
+        }
         if offset < self.up.size:
             self._release()
             return out
