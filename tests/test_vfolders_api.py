@@ -246,6 +246,11 @@ async def test_quota_refusals_name_the_quota_and_leave_nothing_behind(tmp_path: 
         await alice("DELETE", f"/v1/vfolders/{vid}/files?path=a.bin")
         assert (await alice("GET", f"/v1/vfolders/{vid}"))["usage_bytes"] == 0
         assert (await put(alice, vid, "tiny.txt", b"x")).code == 200
+        # A file a kernel wrote since the last measurement, deleted through the API, frees no room
+        # that was never counted: the usage never goes below zero.
+        (root / "unmeasured.bin").write_bytes(b"u" * 700)
+        await alice("DELETE", f"/v1/vfolders/{vid}/files?path=unmeasured.bin")
+        assert (await alice("GET", f"/v1/vfolders/{vid}"))["usage_bytes"] == 0
 
 
 async def test_policy_limits_the_number_and_total_quota_of_vfolders(tmp_path: Path):
@@ -568,3 +573,101 @@ async def test_a_kernelspec_names_mounts_for_its_kernels(tmp_path: Path, monkeyp
         finally:
             await km.shutdown_kernel(now=True)
         agent.close()
+
+
+async def raw_http(c: Caller, head: bytes, body: bytes = b"") -> tuple[int, bytes, bytes]:
+    """One request written byte for byte (headers a client library would not send); the answer's
+    status, headers and body."""
+    host, port = c.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + b"Connection: close\r\n\r\n" + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    headers, _, content = answer.partition(b"\r\n\r\n")
+    return int(headers.split(b" ")[1]), headers, content
+
+
+def signed_head(c: Caller, method: str, path: str, body: bytes, extra: bytes) -> bytes:
+    h = c.signed(method, path, body)
+    head = f"{method} {path} HTTP/1.1\r\nHost: {c.url.split('//')[1]}\r\n".encode() + extra
+    return head + "".join(f"{k}: {v}\r\n" for k, v in h.items()).encode()
+
+
+async def test_numbers_in_headers_are_ascii_digits_or_refused(tmp_path: Path):
+    # "²" is a digit to str.isdigit() but not to int(): it was a 500, not a 400.
+    async with running_gateway(tmp_path) as g:
+        alice = await g.user("alice")
+        vid = (await alice("POST", "/v1/vfolders", {"name": "v"}))["id"]
+        up = await alice("POST", f"/v1/vfolders/{vid}/uploads", {"path": "f.bin", "size": 3})
+        path = f"/v1/vfolders/{vid}/uploads/{up['upload_id']}"
+        bad_offset = b"Content-Length: 3\r\nUpload-Offset: \xb2\r\n"
+        status, _, body = await raw_http(alice, signed_head(alice, "PATCH", path, b"abc", bad_offset), b"abc")
+        assert status == 400 and b"Upload-Offset" in body, body
+        for method, target in [("PUT", f"/v1/vfolders/{vid}/content?path=g"), ("POST", "/v1/vfolders")]:
+            head = signed_head(alice, method, target, b"abc", b"Content-Length: \xb2\r\n")
+            status, _, body = await raw_http(alice, head, b"abc")
+            assert status == 400 and b"Content-Length" in body, (method, body)
+        # The upload is where it was, and goes on with a proper offset.
+        assert (await alice("GET", path))["offset"] == 0
+        offset = b"Content-Length: 3\r\nUpload-Offset: 0\r\n"
+        status, _, body = await raw_http(alice, signed_head(alice, "PATCH", path, b"abc", offset), b"abc")
+        assert status == 200 and json.loads(body)["done"] is True, body
+
+
+async def test_download_errors_are_json_and_a_range_past_the_end_names_the_size(tmp_path: Path):
+    async with running_gateway(tmp_path) as g:
+        alice = await g.user("alice")
+        vid = (await alice("POST", "/v1/vfolders", {"name": "v"}))["id"]
+        await put(alice, vid, "a.txt", b"hello")
+        # Refused before the handler runs (no credentials): JSON all the same, not text/html.
+        resp = await alice.fetch("GET", f"/v1/vfolders/{vid}/download?path=a.txt", auth="none")
+        assert resp.code == 401 and resp.headers["Content-Type"] == "application/json"
+        assert error(resp)["type"] == "unauthorized"
+        resp = await get_bytes(alice, vid, "nothing.txt")
+        assert resp.code == 404 and resp.headers["Content-Type"] == "application/json"
+        # 416 says how large the file is, so that the client can ask again.
+        resp = await get_bytes(alice, vid, "a.txt", {"Range": "bytes=10-"})
+        assert resp.code == 416 and resp.headers["Content-Type"] == "application/json"
+        assert resp.headers["Content-Range"] == "bytes */5" and error(resp)["status"] == 416
+        ok = await get_bytes(alice, vid, "a.txt", {"Range": "bytes=1-2"})
+        assert ok.code == 206 and ok.body == b"el"
+        assert ok.headers["Content-Type"] == "application/octet-stream"
+
+
+async def test_sizes_and_counts_past_what_the_database_holds_are_refused(tmp_path: Path):
+    # They were stored as given, and the database's overflow came back as a 500.
+    async with running_gateway(tmp_path) as g:
+        alice = await g.user("alice")
+        for quota in [2**63, 10**30, "99999999999999999999g"]:
+            resp = await alice.fetch("POST", "/v1/vfolders", {"name": "huge", "quota": quota})
+            assert resp.code == 400 and "at most" in error(resp)["title"], (quota, resp.body)
+        vf = await alice("POST", "/v1/vfolders", {"name": "huge", "quota": 2**63 - 1})
+        assert vf["quota_bytes"] == 2**63 - 1
+        resp = await alice.fetch("PATCH", f"/v1/vfolders/{vf['id']}", {"quota": 2**64})
+        assert resp.code == 400 and "at most" in error(resp)["title"]
+        for field, value in [("max_quota_bytes", 2**63), ("max_vfolders", 2**31), ("max_sessions", 2**31)]:
+            resp = await g.admin.fetch("PUT", "/v1/admin/policies/big", {field: value})
+            assert resp.code == 400 and field in error(resp)["title"], (field, resp.body)
+        policy = await g.admin("PUT", "/v1/admin/policies/big", {"max_vfolders": 2**31 - 1})
+        assert policy["max_vfolders"] == 2**31 - 1
+
+
+async def test_every_upload_answer_names_its_path(tmp_path: Path):
+    async with running_gateway(tmp_path) as g:
+        alice = await g.user("alice")
+        vid = (await alice("POST", "/v1/vfolders", {"name": "v"}))["id"]
+        empty = await alice("POST", f"/v1/vfolders/{vid}/uploads", {"path": "empty.bin", "size": 0})
+        assert empty["done"] is True and empty["path"] == "empty.bin"
+        up = await alice("POST", f"/v1/vfolders/{vid}/uploads", {"path": "f.bin", "size": 4})
+        path = f"/v1/vfolders/{vid}/uploads/{up['upload_id']}"
+        assert up["path"] == (await alice("GET", path))["path"] == "f.bin"
+        for offset, data in [(0, b"ab"), (2, b"cd")]:
+            h = alice.signed("PATCH", path, data)
+            h["Upload-Offset"] = str(offset)
+            resp = await alice.http.fetch(
+                alice.url + path, method="PATCH", headers=h, body=data, raise_error=False
+            )
+            assert resp.code == 200 and json.loads(resp.body)["path"] == "f.bin", resp.body

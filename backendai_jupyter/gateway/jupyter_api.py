@@ -104,8 +104,12 @@ class BackendAIKernelManager(ServerKernelManager):
             # One launch timeout: the client's. jupyter_server's GatewayClient always sends it and
             # waits that long plus a pad, so the client gets our clear error, not its own timeout.
             timeout = (kw.get("env") or {}).get("KERNEL_LAUNCH_TIMEOUT", "")
-            if timeout.replace(".", "", 1).isdigit() and float(timeout) > 0:
-                self.provisioner.launch_timeout = float(timeout)
+            try:
+                seconds = float(timeout) if timeout.isascii() else 0.0
+            except ValueError:
+                seconds = 0.0
+            if 0 < seconds < float("inf"):
+                self.provisioner.launch_timeout = seconds
         return await super()._async_pre_start_kernel(**kw)
 
 

@@ -24,6 +24,9 @@ NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or di
 MAX_ENV_VALUE = 4096
 MAX_ENV_ENTRIES = 128
 MAX_SESSION_NAME = 128
+# What the database columns hold: counts are INTEGER (32 bits in PostgreSQL), sizes BIGINT.
+MAX_COUNT = 2**31 - 1
+MAX_BYTES = 2**63 - 1
 
 
 def _bool(body: dict[str, Any], field: str, default: bool = False) -> bool:
@@ -47,26 +50,33 @@ def _slots(body: dict[str, Any], field: str) -> ResourceSlot:
 
 def _count(body: dict[str, Any], field: str) -> int | None:
     value = body.get(field)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise InvalidRequest(f"{field} must be a whole number >= 0 (or null for no limit)")
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT
+    ):
+        raise InvalidRequest(f"{field} must be a whole number from 0 to {MAX_COUNT} (or null for no limit)")
     return value
 
 
 def parse_bytes(value: object, field: str) -> int:
     """A size in bytes: a whole number, or a string with a unit ("10g", "500m", "2 GiB")."""
+    amount: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise InvalidRequest(f"{field} must be >= 0 bytes")
-        return value
-    if isinstance(value, str):
+        amount = value
+    elif isinstance(value, str):
         try:
-            amount = ResourceSlot.parse({"mem": value.replace(" ", "").replace("iB", "").replace("B", "")})
-            return int(amount["mem"])
+            slots = ResourceSlot.parse({"mem": value.replace(" ", "").replace("iB", "").replace("B", "")})
+            amount = int(slots["mem"])
         except (SlotError, KeyError):
             pass
-    raise InvalidRequest(
-        f"{field} must be a number of bytes or a size such as '10g' or '500m', got {value!r}"
-    )
+    if amount is None:
+        raise InvalidRequest(
+            f"{field} must be a number of bytes or a size such as '10g' or '500m', got {value!r}"
+        )
+    if amount > MAX_BYTES:
+        raise InvalidRequest(f"{field} must be at most {MAX_BYTES} bytes (8 EiB)")
+    return amount
 
 
 def _bytes(body: dict[str, Any], field: str) -> int | None:

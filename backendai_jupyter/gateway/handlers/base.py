@@ -179,7 +179,7 @@ class ApiHandler(AuthMixin, web.RequestHandler):
             if "Transfer-Encoding" in self.request.headers:
                 raise LengthRequired("send the request body with a Content-Length header, not chunked")
             return
-        if not length.strip().isdigit():
+        if not (length.isascii() and length.strip().isdigit()):  # not "²", which int() refuses
             raise InvalidRequest("Content-Length must be a whole number of bytes")
         if int(length) > self.max_body:
             raise PayloadTooLarge(self._too_large(int(length)))

@@ -217,10 +217,10 @@ class CopyHandler(VFolderHandler):
 
 
 class DownloadHandler(VFolderHandler):
-    """GET: a file's bytes, streamed from disk (``Range`` honoured), its entry in a header."""
+    """GET: a file's bytes, streamed from disk (``Range`` honoured), its entry in a header.
 
-    def set_default_headers(self) -> None:
-        pass  # the content type is set per answer
+    Errors are JSON like everywhere else; the bytes go as ``application/octet-stream``.
+    """
 
     async def get(self, vid: str) -> None:
         fd, entry = await self.vfolders.open_read(self.current_user, vid, self.arg("path"))
@@ -243,8 +243,10 @@ class DownloadHandler(VFolderHandler):
             else:
                 start = max(0, size - int(m.group(2)))
             if start >= size or start >= end:
+                # Sent as is: raising would clear the headers, and the client needs to know the size.
                 self.set_header("Content-Range", f"bytes */{size}")
-                raise ApiError(f"the range is outside the file ({size} bytes)", status=416)
+                self.send_api_error(ApiError(f"the range is outside the file ({size} bytes)", status=416))
+                return
             self.set_status(206)
             self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.set_header("Content-Type", "application/octet-stream")
@@ -263,10 +265,6 @@ class DownloadHandler(VFolderHandler):
             await self.flush()
             pos += len(chunk)
         self.finish()
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.set_header("Content-Type", "application/json")
-        super().write_error(status_code, **kwargs)
 
 
 class BodySinkHandler(VFolderHandler):
@@ -300,7 +298,7 @@ class BodySinkHandler(VFolderHandler):
         length = self.request.headers.get("Content-Length")
         if length is None:
             raise LengthRequired("send the file with a Content-Length header, not chunked")
-        if not length.strip().isdigit():
+        if not (length.isascii() and length.strip().isdigit()):  # not "²", which int() refuses
             raise InvalidRequest("Content-Length must be a whole number of bytes")
         most = int(self.settings["max_upload_chunk"])
         if int(length) > most:
@@ -400,7 +398,7 @@ class UploadHandler(BodySinkHandler):
         raw = self.request.headers.get("Upload-Offset", "").strip()
         kw = self.path_kwargs
         return await self.vfolders.open_chunk(
-            user, kw["vid"], kw["uid"], int(raw) if raw.isdigit() else None, length
+            user, kw["vid"], kw["uid"], int(raw) if raw.isascii() and raw.isdigit() else None, length
         )
 
     def data_received(self, chunk: bytes) -> None:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -634,8 +634,13 @@ class VFolderService:
     async def _add_usage(self, vid: str, delta: int) -> None:
         if delta:
             async with self.db() as db, db.begin():
+                # Never below 0: a file a kernel wrote since the last measurement is not counted yet,
+                # and deleting it through the API must not free room that was never taken.
+                grown = VFolder.usage_bytes + delta
                 await db.execute(
-                    update(VFolder).where(VFolder.id == vid).values(usage_bytes=VFolder.usage_bytes + delta)
+                    update(VFolder)
+                    .where(VFolder.id == vid)
+                    .values(usage_bytes=case((grown < 0, 0), else_=grown))
                 )
 
     async def measure(self, vid: str) -> int:
@@ -960,7 +965,13 @@ class ChunkSink:
 
     async def commit(self) -> dict[str, Any]:
         offset = self.staged.size
-        out: dict[str, Any] = {"upload_id": self.up.id, "offset": offset, "size": self.up.size, "done": False}
+        out: dict[str, Any] = {
+            "upload_id": self.up.id,
+            "offset": offset,
+            "size": self.up.size,
+            "path": self.up.path,
+            "done": False,
+        }
         if offset < self.up.size:
             self._release()
             return out
