@@ -628,7 +628,7 @@ class VFolderContentsManager(AsyncContentsManager):
                     "PATCH",
                     upath,
                     piece,
-                    content_type="application/offset+octet-stream",
+                    content_type="application/octet-stream",
                     headers={"Upload-Offset": str(offset)},
                     signed=signed,
                 )
