@@ -681,6 +681,41 @@ async def test_a_read_only_share_is_read_only_everywhere(gateway: InprocGateway)
     assert (await cm.get("d/book.txt"))["content"] == "words"
 
 
+async def test_files_bigger_than_one_request_go_up_in_resumable_chunks(
+    gateway: InprocGateway, ann: Caller, tmp_path: Path
+) -> None:
+    vf = await new_vfolder(ann)
+    cm = vfolder_cm(gateway, ann, root_vfolder=vf["name"], max_put_size=256 * 1024, upload_chunk_size=100_000)
+    data = bytes(range(256)) * 2400  # 614,400 bytes: seven requests
+    await save_bytes(cm, "big.bin", data)
+    assert await read_bytes(cm, "big.bin") == data
+    for i, part in zip((1, 2, -1), (data[:300_000], data[300_000:500_000], data[500_000:]), strict=True):
+        chunk = {"type": "file", "format": "base64", "content": b64encode(part).decode(), "chunk": i}
+        await cm.save(chunk, "chunked.bin")
+    assert await read_bytes(cm, "chunked.bin") == data
+    nb = notebook(*(f"x = {'1' * 1000}" for _ in range(400)))
+    assert (await save_nb(cm, "big.ipynb", nb))["size"] > 256 * 1024
+    assert len((await cm.get("big.ipynb"))["content"]["cells"]) == 400
+    local = tmp_path / "local.bin"
+    local.write_bytes(data[::-1])
+    assert (await cm.upload_file(str(local), "up.bin"))["size"] == len(data)
+    back = tmp_path / "back.bin"
+    assert (await cm.download_file("up.bin", str(back)))["size"] == len(data)
+    assert back.read_bytes() == data[::-1]
+    assert await status_of(cm.download_file("missing.bin", str(back))) == 404
+
+
+async def test_a_write_past_the_quota_is_413_with_the_gateways_reason(
+    gateway: InprocGateway, ann: Caller
+) -> None:
+    vf = dict(await ann("POST", "/v1/vfolders", {"name": f"small{next(_names)}", "quota": "64k"}))
+    cm = vfolder_cm(gateway, ann, root_vfolder=vf["name"])
+    with pytest.raises(web.HTTPError) as exc:
+        await save_bytes(cm, "too-big.bin", b"x" * 100_000)
+    assert exc.value.status_code == 413 and "quota" in (exc.value.log_message or "")
+    assert not await exists(cm, "too-big.bin")
+
+
 async def test_an_unknown_root_vfolder_is_404(gateway: InprocGateway, ann: Caller) -> None:
     cm = vfolder_cm(gateway, ann, root_vfolder="does-not-exist")
     assert await status_of(cm.get("")) == 404

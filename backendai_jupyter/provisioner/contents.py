@@ -78,8 +78,9 @@ from ..common.wire import KERNEL_HOME
 VFOLDER_MOUNT = KERNEL_HOME  # where kernels see the user's vfolders, one directory each
 CHECKPOINT_ID = "checkpoint"
 ENTRY_HEADER = "X-BackendAI-Entry"
-# The gateway takes request bodies up to 64 MiB; bigger files go up in resumable chunks.
-MAX_PUT_BYTES = 64 * 2**20 - 1
+# The gateway takes file bodies up to 64 MiB (Gateway.max_upload_chunk); bigger files go up in
+# resumable chunks.
+MAX_PUT_BYTES = 64 * 2**20
 # Largest response read into memory (a file's whole content, as FileContentsManager reads it).
 MAX_RESPONSE_BYTES = 2**40
 # Bodies bigger than this are hashed for their signature on a worker thread.
@@ -401,8 +402,16 @@ class VFolderContentsManager(AsyncContentsManager):
         5.0, help="Seconds the list of the user's vfolders is reused before it is asked for again."
     ).tag(config=True)
 
+    max_put_size = Int(
+        MAX_PUT_BYTES,
+        help="Largest file written in one request: the gateway's Gateway.max_upload_chunk (64 MiB "
+        "unless set there). Bigger files go up in resumable chunks of upload_chunk_size.",
+    ).tag(config=True)
+
     upload_chunk_size = Int(
-        16 * 2**20, help="Bytes per request when a file too big for one request is uploaded in chunks."
+        16 * 2**20,
+        help="Bytes per request when a file bigger than max_put_size is uploaded in chunks (at "
+        "most max_put_size).",
     ).tag(config=True)
 
     always_delete_dir = Bool(
@@ -581,7 +590,7 @@ class VFolderContentsManager(AsyncContentsManager):
 
         ``signed``: the PUT's headers from ``api.sign``, made where the bytes were made.
         """
-        if len(data) > MAX_PUT_BYTES:
+        if len(data) > self.max_put_size:
             view = memoryview(data)
             pos = 0
 
@@ -605,7 +614,7 @@ class VFolderContentsManager(AsyncContentsManager):
         """
         up = await self.api.call("POST", f"{t.base}/uploads", {"path": t.sub, "size": size})
         upath = f"{t.base}/uploads/{up['upload_id']}"
-        chunk = max(1, min(self.upload_chunk_size, MAX_PUT_BYTES))
+        chunk = max(1, min(self.upload_chunk_size, self.max_put_size))
 
         def prepare() -> tuple[bytes, dict[str, str]]:
             piece = read(chunk)
@@ -659,7 +668,7 @@ class VFolderContentsManager(AsyncContentsManager):
         f: IO[bytes] = await run_sync(open, local_path, "rb")
         try:
             size = os.fstat(f.fileno()).st_size
-            if size <= MAX_PUT_BYTES:
+            if size <= self.max_put_size:
                 entry = await self._put(t, await run_sync(f.read))
             else:
                 entry = await self._upload(t, f.read, size)
@@ -1011,12 +1020,12 @@ class VFolderContentsManager(AsyncContentsManager):
             if model["type"] == "notebook":
                 nb = _nbformat.from_dict(model["content"])
                 self.check_and_sign(nb, t.path)
-                api, content_path = self.api, self._content_path(t)
+                api, content_path, most = self.api, self._content_path(t), self.max_put_size
 
                 def serialise() -> tuple[bytes, dict[str, Any], dict[str, str] | None]:
                     data, validation_error = _write_notebook(nb)
                     # Sign in the same worker-thread trip (the signature hashes the bytes).
-                    fits = len(data) <= MAX_PUT_BYTES
+                    fits = len(data) <= most
                     return data, validation_error, api.sign("PUT", content_path, data) if fits else None
 
                 data, validation_error, signed = await run_sync(serialise)
@@ -1119,7 +1128,7 @@ class VFolderContentsManager(AsyncContentsManager):
                 self.emit(data={"action": "save", "path": path})
                 return saved
             staged.file.seek(0)
-            if staged.size <= MAX_PUT_BYTES:
+            if staged.size <= self.max_put_size:
                 entry = await self._put(t, await run_sync(staged.file.read))
             else:
                 entry = await self._upload(t, staged.file.read, staged.size)
