@@ -285,6 +285,7 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         up: list[float] = []
         down: list[float] = []
         copy: list[float] = []
+        write: list[float] = []  # the same bytes written from user space: a transfer's floor here
         with PeakSampler(gw) as sampler:
             for _ in range(args.transfer_runs):
                 up.append(await timed(lambda: ours.upload_file(str(src), "transfer.bin")))
@@ -297,15 +298,18 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 shutil.copyfile(src, dst)
                 copy.append((time.perf_counter() - t0) * 1000)
                 dst.unlink()
+                write.append(await asyncio.to_thread(timed_write, src, dst))
+                dst.unlink()
         peak = max(sampler.peak, gw.status("VmHWM") if peak_resets else 0)
 
         def mb_s(ms: float) -> float:
             return round(args.transfer_mb / (ms / 1000), 1)
 
-        upload, download, local_copy = (
+        upload, download, local_copy, local_write = (
             mb_s(percentile(up, 0.5)),
             mb_s(percentile(down, 0.5)),
             mb_s(percentile(copy, 0.5)),
+            mb_s(percentile(write, 0.5)),
         )
         out.update(
             {
@@ -323,6 +327,11 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 "local_copy_mb_s": local_copy,
                 "upload_ratio": round(upload / local_copy, 3),
                 "download_ratio": round(download / local_copy, 3),
+                # shutil.copyfile copies inside the kernel (copy_file_range); bytes that cross a
+                # socket must be written from user space, which this is the speed of.
+                "local_write_mb_s": local_write,
+                "upload_vs_write": round(upload / local_write, 3),
+                "download_vs_write": round(download / local_write, 3),
                 "gateway_idle_rss_mb": round(idle / MB, 1),
                 "gateway_rss_delta_mb": round(max(0, peak - idle) / MB, 1),
                 "transfer_mb": args.transfer_mb,
@@ -346,6 +355,16 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         return out
     finally:
         gw.stop()
+
+
+def timed_write(src: Path, dst: Path) -> float:
+    """Milliseconds to write ``src``'s bytes to ``dst`` from user space, 4 MiB at a time."""
+    buf = memoryview(bytearray(4 * MB))
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        t0 = time.perf_counter()
+        while n := f.readinto(buf):
+            out.write(buf[:n])
+        return (time.perf_counter() - t0) * 1000
 
 
 def main(argv: list[str] | None = None) -> int:

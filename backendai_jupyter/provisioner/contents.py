@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import hashlib
+import http.client
 import itertools
 import json
 import mimetypes
@@ -57,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import nbformat
 from anyio.to_thread import run_sync
@@ -85,6 +86,7 @@ MAX_PUT_BYTES = 64 * 2**20
 MAX_RESPONSE_BYTES = 2**40
 # Bodies bigger than this are hashed for their signature on a worker thread.
 _HASH_OFF_LOOP = 2**20
+_BULK_PIECE = 4 * 2**20  # bytes read at a time from a large download
 _nbformat: Any = nbformat  # untyped
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CA_SETTING = f"ca_file in the client config (or {ENV_CA_FILE})"
@@ -258,6 +260,64 @@ class VFolderClient:
             raise self._error(resp, bytes(error_body) if streaming_callback is not None else resp.body)
         return resp
 
+    async def bulk(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        signed: dict[str, str],
+        headers: dict[str, str] | None = None,
+        sink: IO[bytes] | None = None,
+        timeout: float = 3600.0,
+    ) -> tuple[dict[str, str], bytes]:
+        """A large transfer on a worker thread with the standard library's HTTP client.
+
+        Bodies of hundreds of megabytes move several times faster this way than through
+        tornado's client on the event loop, which handles them 64 KiB at a time. ``sink`` takes
+        a successful answer's body; returns (headers, body when there is no sink).
+        """
+        extra = {**signed, "Content-Type": "application/octet-stream", **(headers or {})}
+        try:
+            code, answer_headers, data = await run_sync(self._bulk, method, path, body, extra, sink, timeout)
+        except ssl.SSLCertVerificationError as e:
+            raise GatewayError(503, str(untrusted(self.base, self.config.ca_file, _CA_SETTING, e))) from None
+        except OSError as e:
+            raise self._unreachable(e) from None
+        if code >= 400:
+            raise self._error_of(code, data)
+        return answer_headers, data
+
+    def _bulk(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        sink: IO[bytes] | None,
+        timeout: float,
+    ) -> tuple[int, dict[str, str], bytes]:
+        url = urlsplit(self.base)
+        conn: http.client.HTTPConnection
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                url.hostname or "", url.port, timeout=timeout, context=self._ssl_options()
+            )
+        else:
+            conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout)
+        try:
+            conn.request(method, url.path + path, body=body, headers=headers)
+            resp = conn.getresponse()
+            answer_headers = {k: v for k, v in resp.getheaders()}
+            if resp.status >= 400 or sink is None:
+                return resp.status, answer_headers, resp.read()
+            buf = memoryview(bytearray(_BULK_PIECE))
+            while n := resp.readinto(buf):
+                sink.write(buf[:n])
+            return resp.status, answer_headers, b""
+        finally:
+            conn.close()
+
     async def call(self, method: str, path: str, body: Any = None, timeout: float = 300.0) -> Any:
         """A JSON request; its JSON answer (``None`` for an empty one)."""
         data = json.dumps(body).encode() if body is not None else b""
@@ -274,16 +334,19 @@ class VFolderClient:
         )
 
     def _error(self, resp: httpclient.HTTPResponse, body: bytes) -> GatewayError:
+        return self._error_of(resp.code, body)
+
+    def _error_of(self, code: int, body: bytes) -> GatewayError:
         try:
             payload = json.loads(body) if body else None
         except ValueError:
             payload = None
-        title = f"the gateway answered HTTP {resp.code}"
+        title = f"the gateway answered HTTP {code}"
         kind = ""
         if isinstance(payload, dict):
             title = str(payload.get("title") or title)
             kind = str(payload.get("type") or "")
-        status = resp.code
+        status = code
         if status == 401:
             # 401 to a Jupyter client means its own login; this is the server's keypair.
             status = 403
@@ -633,15 +696,10 @@ class VFolderContentsManager(AsyncContentsManager):
                     )
                 if offset + len(piece) < size:
                     pending = asyncio.ensure_future(run_sync(prepare))
-                resp = await self.api.fetch(
-                    "PATCH",
-                    upath,
-                    piece,
-                    content_type="application/octet-stream",
-                    headers={"Upload-Offset": str(offset)},
-                    signed=signed,
+                _, answer = await self.api.bulk(
+                    "PATCH", upath, piece, signed=signed, headers={"Upload-Offset": str(offset)}
                 )
-                result = json.loads(resp.body)
+                result = json.loads(answer)
                 offset = int(result["offset"])
             if not result.get("done") or "entry" not in result:
                 result = await self.api.call("GET", upath)
@@ -683,16 +741,14 @@ class VFolderContentsManager(AsyncContentsManager):
             raise web.HTTPError(400, f"{t.path} is not a file")
         f: IO[bytes] = await run_sync(open, local_path, "wb")
 
-        def sink(chunk: bytes) -> None:
-            f.write(chunk)
-
+        path = f"{t.base}/download?path={_q(t.sub)}"
         try:
-            resp = await self.api.fetch(
-                "GET", f"{t.base}/download?path={_q(t.sub)}", streaming_callback=sink, timeout=3600
+            answer_headers, _ = await self.api.bulk(
+                "GET", path, signed=self.api.sign("GET", path, b""), sink=f
             )
         finally:
             f.close()
-        raw = resp.headers.get(ENTRY_HEADER)
+        raw = answer_headers.get(ENTRY_HEADER)
         return self._model(t, json.loads(raw) if raw else await self._stat(t))
 
     # -- models ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .service import ChunkSink, VFolderService, WriteSink
 VID = r"(?P<vid>[0-9a-f-]{36})"
 IID = r"(?P<iid>[0-9a-f-]{36})"
 UID = r"(?P<uid>[A-Za-z0-9_-]{16,64})"
-READ_CHUNK = 1 << 20
+READ_CHUNK = 4 << 20
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -255,15 +255,26 @@ class DownloadHandler(VFolderHandler):
         self.set_header("X-BackendAI-Entry", json.dumps(entry.to_json()))
         quoted = urllib.parse.quote(entry.name)
         self.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quoted}")
+        # The next piece is read while the current one goes out; at most two are in memory.
         pos = start
-        while pos < end:
-            n = min(READ_CHUNK, end - pos)
-            chunk = await asyncio.to_thread(os.pread, fd, n, pos)
+        ahead = asyncio.ensure_future(asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - pos), pos))
+        while ahead is not None:
+            chunk = await ahead
+            ahead = None
             if not chunk:
                 break  # the file shrank while it was being sent: the client sees a short body
-            self.write(chunk)
-            await self.flush()
             pos += len(chunk)
+            if pos < end:
+                ahead = asyncio.ensure_future(
+                    asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - pos), pos)
+                )
+            self.write(chunk)
+            try:
+                await self.flush()
+            except BaseException:
+                if ahead is not None:
+                    await asyncio.wait([ahead])  # the fd is closed after this returns
+                raise
         self.finish()
 
 
