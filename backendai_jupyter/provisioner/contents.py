@@ -75,6 +75,7 @@ from ..common.clientconfig import ClientConfig
 from ..common.errors import LaunchError
 from ..common.tls import ENV_CA_FILE, client_context, untrusted
 from ..common.wire import KERNEL_HOME
+from .settings import GatewaySettings
 
 VFOLDER_MOUNT = KERNEL_HOME  # where kernels see the user's vfolders, one directory each
 CHECKPOINT_ID = "checkpoint"
@@ -419,7 +420,7 @@ def _decode_content(content: Any, format: Any, path: str) -> bytes:
         raise web.HTTPError(400, f"Encoding error saving {path}: {e}") from e
 
 
-class VFolderContentsManager(AsyncContentsManager):
+class VFolderContentsManager(GatewaySettings, AsyncContentsManager):
     """Notebooks and files in the user's Backend.AI vfolders (see the module's docstring)."""
 
     # The base class's untyped methods this one calls, with their types.
@@ -436,30 +437,6 @@ class VFolderContentsManager(AsyncContentsManager):
         help="Name of the one vfolder to show as the top level; empty: the top level lists all of "
         "the user's vfolders.",
     ).tag(config=True)
-
-    gateway_url = Unicode(help="Gateway URL; overrides the client config (env BACKENDAI_GATEWAY_URL).").tag(
-        config=True
-    )
-
-    @default("gateway_url")
-    def _gateway_url_default(self) -> str:
-        return os.environ.get("BACKENDAI_GATEWAY_URL", "")
-
-    access_key = Unicode(help="Access key; overrides the client config (env BACKENDAI_ACCESS_KEY).").tag(
-        config=True
-    )
-
-    @default("access_key")
-    def _access_key_default(self) -> str:
-        return os.environ.get("BACKENDAI_ACCESS_KEY", "")
-
-    secret_key = Unicode(help="Secret key; overrides the client config (env BACKENDAI_SECRET_KEY).").tag(
-        config=True
-    )
-
-    @default("secret_key")
-    def _secret_key_default(self) -> str:
-        return os.environ.get("BACKENDAI_SECRET_KEY", "")
 
     vfolder_cache_ttl = Float(
         5.0, help="Seconds the list of the user's vfolders is reused before it is asked for again."
@@ -962,39 +939,28 @@ class VFolderContentsManager(AsyncContentsManager):
             return await self._content_model(t, entry, data, type, format, content, require_hash)
         return self._model(t, entry, type)
 
-    async def dir_exists(self, path: str) -> bool:
+    async def _exists_as(self, path: str, kinds: tuple[str, ...], *, top: bool) -> bool:
+        """Whether ``path`` is there as one of ``kinds`` (any kind when empty); ``top``: the answer
+        for the top level and a vfolder's own root."""
         try:
             t = await self._target(self._norm(path))
             if t.vf is None or t.sub == "":
-                return True
-            return (await self._stat(t)).get("type") == "directory"
+                return top
+            entry = await self._stat(t)
         except web.HTTPError as e:
             if e.status_code in (404, 409):
                 return False
             raise
+        return not kinds or entry.get("type") in kinds
+
+    async def dir_exists(self, path: str) -> bool:
+        return await self._exists_as(path, ("directory",), top=True)
 
     async def file_exists(self, path: str) -> bool:
-        try:
-            t = await self._target(self._norm(path))
-            if t.vf is None or t.sub == "":
-                return False
-            return (await self._stat(t)).get("type") in ("file", "symlink")
-        except web.HTTPError as e:
-            if e.status_code in (404, 409):
-                return False
-            raise
+        return await self._exists_as(path, ("file", "symlink"), top=False)
 
     async def exists(self, path: str) -> bool:
-        try:
-            t = await self._target(self._norm(path))
-            if t.vf is None or t.sub == "":
-                return True
-            await self._stat(t)
-            return True
-        except web.HTTPError as e:
-            if e.status_code in (404, 409):
-                return False
-            raise
+        return await self._exists_as(path, (), top=True)
 
     async def is_hidden(self, path: str) -> bool:
         try:

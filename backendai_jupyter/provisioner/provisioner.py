@@ -25,6 +25,7 @@ from ..common.states import SessionState
 from ..common.tls import ca_file_from_env
 from ..common.wire import KERNEL_HOME
 from .client import GatewayClient, SessionWatch
+from .settings import GatewaySettings
 
 
 def client_config(
@@ -47,35 +48,11 @@ def client_config(
     )
 
 
-class BackendAIProvisioner(KernelProvisionerBase):
+class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ignore[metaclass]  # both derive from MetaHasTraits
     """Provisions kernels in containers on Backend.AI agents through the gateway."""
 
     image = Unicode("backendai-jupyter/python:latest", help="Container image of the kernel.").tag(config=True)
     resources = Dict(help="Resources to request, e.g. {'cpu': '1', 'mem': '2g'}.").tag(config=True)
-    gateway_url = Unicode(help="Gateway URL; overrides the client config (env BACKENDAI_GATEWAY_URL).").tag(
-        config=True
-    )
-
-    @default("gateway_url")
-    def _gateway_url_default(self) -> str:
-        return os.environ.get("BACKENDAI_GATEWAY_URL", "")
-
-    access_key = Unicode(help="Access key; overrides the client config (env BACKENDAI_ACCESS_KEY).").tag(
-        config=True
-    )
-
-    @default("access_key")
-    def _access_key_default(self) -> str:
-        return os.environ.get("BACKENDAI_ACCESS_KEY", "")
-
-    secret_key = Unicode(help="Secret key; overrides the client config (env BACKENDAI_SECRET_KEY).").tag(
-        config=True
-    )
-
-    @default("secret_key")
-    def _secret_key_default(self) -> str:
-        return os.environ.get("BACKENDAI_SECRET_KEY", "")
-
     ca_file = Unicode(
         help="PEM CA file that signed an https gateway's certificate; overrides the client config's "
         "ca_file and BACKENDAI_CA_FILE (empty: those, else the system trust store)."
