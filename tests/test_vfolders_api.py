@@ -671,3 +671,36 @@ async def test_every_upload_answer_names_its_path(tmp_path: Path):
                 alice.url + path, method="PATCH", headers=h, body=data, raise_error=False
             )
             assert resp.code == 200 and json.loads(resp.body)["path"] == "f.bin", resp.body
+
+
+async def _usage_becomes(c: Caller, vid: str, expected: int, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            if (await c("GET", f"/v1/vfolders/{vid}"))["usage_bytes"] == expected:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_what_kernels_write_shows_in_the_usage_without_asking(tmp_path: Path):
+    """The vfolders running kernels mount are re-measured every vfolder_usage_interval, and once
+    more when such a kernel ends."""
+    async with running_gateway(tmp_path, vfolder_usage_interval=0.2) as g:
+        agent = await g.agent("host-a")
+        ann = await g.user("ann")
+        vf = await ann("POST", "/v1/vfolders", {"name": "out"})
+        s = await ann("POST", "/v1/sessions", {"image": "backendai-jupyter/python:latest", "mounts": ["out"]})
+        await ann.wait_state(s["id"], {"RUNNING"})
+        root = vfolder_dir(g, vf)
+        (root / "written-by-the-kernel.bin").write_bytes(b"k" * 4096)  # as the kernel would
+        await _usage_becomes(ann, vf["id"], 4096)
+        # A vfolder no running kernel mounts is not walked on every round.
+        other = await ann("POST", "/v1/vfolders", {"name": "idle"})
+        (vfolder_dir(g, other) / "x.bin").write_bytes(b"x" * 100)
+        await asyncio.sleep(0.6)
+        assert (await ann("GET", f"/v1/vfolders/{other['id']}"))["usage_bytes"] == 0
+        # The last writes of a kernel count once it is over.
+        (root / "last.bin").write_bytes(b"l" * 1000)
+        await ann("DELETE", f"/v1/sessions/{s['id']}")
+        await ann.wait_state(s["id"], {"TERMINATED"})
+        await _usage_becomes(ann, vf["id"], 5096)
+        agent.close()
