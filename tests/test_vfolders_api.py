@@ -565,7 +565,7 @@ async def test_a_kernelspec_names_mounts_for_its_kernels(tmp_path: Path, monkeyp
         km = AsyncKernelManager(
             kernel_name="with-data", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)])
         )
-        await km.start_kernel(cwd=f"{KERNEL_HOME}/code")
+        await km.start_kernel(cwd=Path(KERNEL_HOME, "code"))  # nbclient and `jupyter execute` pass a Path
         try:
             (order,) = await _orders(agent, 1)
             assert sorted((m.name, m.mode) for m in order.mounts) == [("code", "rw"), ("data", "ro")]

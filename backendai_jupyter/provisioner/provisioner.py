@@ -204,7 +204,7 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
         kwargs["vfolders"] = self._vfolder_request(remote, kwargs.get("cwd"))
         return kwargs
 
-    def _vfolder_request(self, env: dict[str, str], cwd: str | None) -> dict[str, Any]:
+    def _vfolder_request(self, env: dict[str, str], cwd: str | os.PathLike[str] | None) -> dict[str, Any]:
         """The vfolders to mount and where the kernel starts.
 
         Jupyter names the notebook's folder: ``cwd`` on start_kernel, or ``KERNEL_WORKING_DIR``
@@ -218,7 +218,7 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
         mounts += [n.strip() for n in env.get("KERNEL_VFOLDERS", "").split(",") if n.strip()]
         if mounts:
             out["mounts"] = mounts
-        where = env.get("KERNEL_WORKING_DIR") or cwd or ""
+        where = str(env.get("KERNEL_WORKING_DIR") or cwd or "")  # nbclient passes a Path
         if where.startswith(KERNEL_HOME + "/"):
             out["working_dir"] = where
         return out
