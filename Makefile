@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 docker:
 	@bash scripts/ensure-docker.sh
 
+# Kernel images to build: `make setup` builds Python's; `make setup LANGS=all` (or LANGS="r bash")
+# builds more. `make test` builds them all: every language is tested.
+LANGS ?= python
 images: $(STAMP) docker
-	$(BAI) images build
+	$(BAI) images build $(if $(filter all,$(LANGS)),,$(LANGS))
 
 kernelspecs: $(STAMP)
 	@$(BAI) kernelspecs install --sys-prefix >/dev/null
@@ -43,6 +46,7 @@ $(COMPAT): Makefile
 	.venv-jc6/bin/python -m pip install --quiet "jupyter_client<7" "nbclient<0.6" nbformat
 	@touch $@
 
+test: LANGS = all
 test: setup lint $(COMPAT)
 	@bash scripts/ensure-browser.sh
 	$(VENV)/bin/pytest

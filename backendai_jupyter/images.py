@@ -12,9 +12,11 @@ Run as ``python -m backendai_jupyter.images [--base-image REF] [--force] [NAME .
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ BOOTSTRAP_IMAGE = "backendai-jupyter/bootstrap:bookworm"
 BASE_IMAGE_ENV = "BACKENDAI_BASE_IMAGE"
 CONTEXT_HASH_LABEL = "io.backendai-jupyter.context-hash"
 KERNEL_LABEL = "io.backendai-jupyter.kernel"
+LOGO_LABEL = "io.backendai-jupyter.logo"
 
 # Bump when the way the cache key is computed changes, so that old images are
 # not mistaken for up to date.
@@ -62,19 +65,53 @@ class ImageSpec:
     parent: str | None
 
 
-# Dependency order: a parent comes before its children.
-IMAGES: dict[str, ImageSpec] = {
-    spec.name: spec
-    for spec in (
-        ImageSpec("base", "base", None),
-        ImageSpec("python", "python", "base"),
-    )
-}
+_PARENT_RE = re.compile(
+    rf"^\s*ARG\s+BASE_IMAGE\s*=\s*{re.escape(REPOSITORY_PREFIX)}/([a-z0-9][a-z0-9_.-]*)(?::\S+)?\s*$",
+    re.MULTILINE,
+)
 
 
 def default_kernels_dir() -> Path:
     """Return the ``kernels/`` directory next to the package in the source tree."""
     return Path(__file__).resolve().parent.parent / "kernels"
+
+
+def discover(kernels_dir: Path) -> dict[str, ImageSpec]:
+    """Every folder of ``kernels_dir`` with a Dockerfile is an image, in dependency order.
+
+    An image's parent is the one its ``ARG BASE_IMAGE=backendai-jupyter/<parent>:latest`` names;
+    any other default (``debian:bookworm-slim``) makes it a root, built from the external base.
+    """
+    found: dict[str, ImageSpec] = {}
+    if not kernels_dir.is_dir():
+        return found
+    for d in sorted(kernels_dir.iterdir()):
+        dockerfile = d / "Dockerfile"
+        if not dockerfile.is_file():
+            continue
+        m = _PARENT_RE.search(dockerfile.read_text())
+        found[d.name] = ImageSpec(d.name, d.name, m.group(1) if m else None)
+    ordered: dict[str, ImageSpec] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in ordered:
+            return
+        if name in path:
+            raise ImageBuildError(f"kernel images build from each other in a loop: {' -> '.join(path)}")
+        spec = found[name]
+        if spec.parent is not None:
+            if spec.parent not in found:
+                raise ImageBuildError(f"{name}: its BASE_IMAGE {spec.parent} has no folder in {kernels_dir}")
+            visit(spec.parent, (*path, name))
+        ordered[name] = spec
+
+    for name in found:
+        visit(name, ())
+    return ordered
+
+
+# Dependency order: a parent comes before its children.
+IMAGES: dict[str, ImageSpec] = discover(default_kernels_dir())
 
 
 def image_repository(name: str) -> str:
@@ -115,20 +152,26 @@ def context_hash(context: Path, build_args: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _resolve_order(names: Iterable[str] | None) -> list[ImageSpec]:
+def logo_label(context: Path) -> dict[str, str]:
+    """The image's logo label, from ``logo-64x64.png`` in its folder (none without one)."""
+    logo = context / "logo-64x64.png"
+    return {LOGO_LABEL: base64.b64encode(logo.read_bytes()).decode()} if logo.is_file() else {}
+
+
+def _resolve_order(names: Iterable[str] | None, images: dict[str, ImageSpec]) -> list[ImageSpec]:
     """Return the specs for *names* plus their parents, in build order."""
     if names is None:
-        return list(IMAGES.values())
+        return list(images.values())
     wanted: set[str] = set()
     for name in names:
-        if name not in IMAGES:
-            raise ImageBuildError(f"unknown image {name!r}; known images: {', '.join(IMAGES)}")
+        if name not in images:
+            raise ImageBuildError(f"unknown image {name!r}; known images: {', '.join(images)}")
         # Building a child needs its parents' current tags, so pull them in.
         current: str | None = name
         while current is not None and current not in wanted:
             wanted.add(current)
-            current = IMAGES[current].parent
-    return [spec for spec in IMAGES.values() if spec.name in wanted]
+            current = images[current].parent
+    return [spec for spec in images.values() if spec.name in wanted]
 
 
 def _image_or_none(client: docker.DockerClient, ref: str) -> Image | None:
@@ -211,7 +254,7 @@ def _stream_build(
             path=str(context),
             tag=tag,
             buildargs=build_args,
-            labels={CONTEXT_HASH_LABEL: key},
+            labels={CONTEXT_HASH_LABEL: key, **logo_label(context)},
             rm=True,
             forcerm=True,
             nocache=nocache,
@@ -258,7 +301,7 @@ def build_images(
     kdir = Path(kernels_dir) if kernels_dir is not None else default_kernels_dir()
     if not kdir.is_dir():
         raise ImageBuildError(f"kernels directory not found at {kdir}; pass kernels_dir explicitly")
-    specs = _resolve_order(names)
+    specs = _resolve_order(names, discover(kdir))
     client = get_client()
 
     built: dict[str, str] = {}

@@ -122,6 +122,7 @@ class FakeAgent:
         self.capacity = ResourceSlot.parse({"cpu": cpu, "mem": mem})
         self.kernels = kernels or []
         self.images: list[tuple[str, dict[str, Any]]] = [(IMAGE, KERNEL_LABEL)]
+        self.logos: dict[str, str] = {}  # image tag → its logo label (base64 PNG)
         self.calls: list[tuple[str, dict[str, Any]]] = []
         # Answers an order: return a result, or raise to reply with an error. Default: a kernel
         # that starts at once and is reported RUNNING.
@@ -145,7 +146,8 @@ class FakeAgent:
             address="127.0.0.1",
             capacity=self.capacity,
             images=[
-                ImageInfo(id=f"sha256:fake{i}", tags=[t], kernel=k) for i, (t, k) in enumerate(self.images)
+                ImageInfo(id=f"sha256:fake{i}", tags=[t], kernel=k, logo=self.logos.get(t, ""))
+                for i, (t, k) in enumerate(self.images)
             ],
             kernels=self.kernels,
         )

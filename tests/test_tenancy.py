@@ -116,7 +116,7 @@ async def test_kernelspec_resources_never_come_from_the_gateways_working_directo
         agent.images = [("backendai-jupyter/r:latest", {"language": "R", "display_name": "R", "argv": ["R"]})]
         await agent.connect()
         specs = await ann("GET", "/api/kernelspecs", auth="token")
-        name = "backendai-image-backendai-jupyter-r-latest"
+        name = "backendai-r"
         assert name in specs["kernelspecs"]
         assert Path("pyproject.toml").exists()  # noqa: ASYNC240 (tests run from the project root)
         for leaked in ("pyproject.toml", "README.md", "../pyproject.toml"):

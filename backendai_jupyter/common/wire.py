@@ -59,11 +59,18 @@ class ImageInfo:
 
     id: str
     tags: list[str]
-    kernel: dict[str, Any]  # the image's kernel label: language, display_name, argv
+    kernel: dict[str, Any]  # the image's kernel label: language, display_name, argv, ...
+    logo: str = ""  # its logo label: a base64 64x64 PNG (see common.imagespecs)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ImageInfo:
-        return cls(id=d["id"], tags=list(d["tags"]), kernel=dict(d.get("kernel") or {}))
+        logo = d.get("logo")
+        return cls(
+            id=d["id"],
+            tags=list(d["tags"]),
+            kernel=dict(d.get("kernel") or {}),
+            logo=logo if isinstance(logo, str) else "",
+        )
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import re
 import sys
 import uuid
 from pathlib import Path
@@ -36,8 +35,10 @@ from tornado import web
 from traitlets import Set, Unicode, default
 
 from ..common.errors import ApiError, LaunchError, LaunchTimeout
+from ..common.imagespecs import SPEC_PREFIX, image_kernel, kernelspec_json, one_per_repository, repository_of
 from .models import Keypair, User
 from .requests import SessionRequest, validate_env
+from .scheduler import normalize_image
 from .vfolders.service import resolve_mounts
 
 # The user of the request being served (set once the token is checked).
@@ -241,9 +242,12 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
 class GatewayKernelSpecManager(KernelSpecManager):
     """The kernelspecs the gateway offers: installed ``backendai-*`` presets, and one per image.
 
-    An image spec (``backendai-image-<image>``) asks for the image as the agents know it, with
-    the gateway's default resources. Nothing else is offered: a kernelspec that would start a
-    kernel on the gateway host itself never shows.
+    Every kernel image the agents have describes its kernel in its labels (language, display
+    name, interrupt mode, resources, logo: see :mod:`~backendai_jupyter.common.imagespecs`); an
+    image repository no preset starts gets a kernelspec ``backendai-<name>`` of its own, with the
+    image's resources over the gateway's defaults. Content-hash tags never make cards of their
+    own. Nothing else is offered: a kernelspec that would start a kernel on the gateway host
+    itself never shows.
     """
 
     sessions: Any = None  # the gateway's SessionService, set once it exists
@@ -251,50 +255,53 @@ class GatewayKernelSpecManager(KernelSpecManager):
     # resource_dir would make jupyter_server serve /kernelspecs/<name>/<file> from the
     # gateway's working directory.
     empty_resource_dir: str = ""
+    # Where image kernelspecs with logos keep them: a directory per kernelspec under it.
+    logo_root: str = ""
+
+    def _presets(self) -> dict[str, str]:
+        return {n: d for n, d in super().find_kernel_specs().items() if n.startswith(SPEC_PREFIX)}
 
     def _image_specs(self) -> dict[str, KernelSpec]:
         if self.sessions is None:
             return {}
-        presets = super().find_kernel_specs()
+        presets = self._presets()
+        # An image a preset already starts gets no second card.
+        covered = set()
+        for name in presets:
+            config = super().get_kernel_spec(name).metadata.get("kernel_provisioner", {}).get("config", {})
+            if isinstance(config.get("image"), str):
+                covered.add(repository_of(normalize_image(config["image"])))
+        kernels = [
+            k
+            for link in self.sessions.registry.alive()
+            for image in link.registration.images
+            if (k := image_kernel(image.tags, image.kernel, image.logo)) is not None
+        ]
         out: dict[str, KernelSpec] = {}
-        for link in self.sessions.registry.alive():
-            for image in link.registration.images:
-                kernel = image.kernel or {}
-                language = str(kernel.get("language", ""))
-                logo_dir = presets.get("backendai-python3", "") if language == "python" else ""
-                logo_dir = logo_dir or self.empty_resource_dir
-                for tag in image.tags:
-                    name = "backendai-image-" + re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-")
-                    out.setdefault(
-                        name,
-                        KernelSpec(
-                            resource_dir=logo_dir,
-                            display_name=f"{kernel.get('display_name', 'Kernel')} ({tag})",
-                            language=language,
-                            argv=[
-                                sys.executable,
-                                "-m",
-                                "backendai_jupyter.provisioner.launcher",
-                                "-f",
-                                "{connection_file}",
-                                "--kernel",
-                                name,
-                            ],
-                            metadata={
-                                "kernel_provisioner": {
-                                    "provisioner_name": "backendai-provisioner",
-                                    "config": {
-                                        "image": tag,
-                                        "resources": self.sessions.default_resources.to_json(),
-                                    },
-                                }
-                            },
-                        ),
-                    )
+        defaults = self.sessions.default_resources.to_json()
+        for name, k in one_per_repository(kernels).items():
+            if name in presets or repository_of(normalize_image(k.image)) in covered:
+                continue
+            argv = [sys.executable, "-m", "backendai_jupyter.provisioner.launcher", "-f", "{connection_file}"]
+            spec = kernelspec_json(k, [*argv, "--kernel", name], {**defaults, **k.resources})
+            out[name] = KernelSpec(resource_dir=self._resources_of(name, k.logo), **spec)
         return out
 
+    def _resources_of(self, name: str, logo: bytes) -> str:
+        """A kernelspec's resource directory: its logo alone, or the empty directory."""
+        if not logo or not self.logo_root:
+            return self.empty_resource_dir
+        d = Path(self.logo_root) / name
+        path = d / "logo-64x64.png"
+        if not path.is_file() or path.read_bytes() != logo:
+            d.mkdir(parents=True, exist_ok=True, mode=0o755)
+            tmp = d / ".logo.tmp"
+            tmp.write_bytes(logo)
+            tmp.replace(path)
+        return str(d)
+
     def find_kernel_specs(self) -> dict[str, str]:
-        found = {n: d for n, d in super().find_kernel_specs().items() if n.startswith("backendai-")}
+        found = self._presets()
         found.update({n: s.resource_dir for n, s in self._image_specs().items()})
         return found
 
@@ -508,6 +515,7 @@ def jupyter_handlers_and_settings(
     empty = Path(data_dir) / "kernelspec-no-resources"
     empty.mkdir(exist_ok=True, mode=0o700)
     app.kernel_spec_manager.empty_resource_dir = str(empty)
+    app.kernel_spec_manager.logo_root = str(Path(data_dir) / "kernelspec-logos")
     settings = dict(app.web_app.settings)
     handlers = []
     for pattern, handler, *rest in [

@@ -15,6 +15,7 @@ import docker
 import docker.errors
 from docker.types import LogConfig
 
+from ...common.imagespecs import LOGO_LABEL
 from ...common.slots import ResourceSlot
 from ...common.wire import ImageInfo
 from .base import (
@@ -105,7 +106,8 @@ class DockerBackend(ContainerBackend):
                 log.warning("image %s has an unreadable %s label; skipped", img.id, KERNEL_LABEL)
                 continue
             if img.tags:
-                out.append(ImageInfo(id=img.id, tags=list(img.tags), kernel=kernel))
+                logo = img.labels.get(LOGO_LABEL, "")
+                out.append(ImageInfo(id=img.id, tags=list(img.tags), kernel=kernel, logo=logo))
         return out
 
     async def create(self, launch: KernelLaunch) -> str:

@@ -1,0 +1,158 @@
+"""Kernelspecs come from what images say about themselves: one card per language and size."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from backendai_jupyter.common.imagespecs import best_tag, decode_logo, image_kernel, one_per_repository
+from backendai_jupyter.images import ImageBuildError, discover, logo_label
+
+from .inproc import IMAGE, KERNEL_LABEL, FakeAgent, running_gateway
+
+
+def png() -> bytes:
+    """A plain 64x64 PNG, written by hand (no imaging library needed)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + bytes((20, 120, 200)) * 64 for _ in range(64))
+    header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+R_LABEL = {
+    "language": "R",
+    "display_name": "R",
+    "argv": ["/usr/bin/R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"],
+    "interrupt_mode": "signal",
+    "resources": {"mem": "2g"},
+}
+DENO_LABEL = {
+    "language": "typescript",
+    "display_name": "Deno",
+    "argv": ["/opt/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
+    "interrupt_mode": "message",
+}
+
+
+def test_the_tag_a_card_names_is_latest_never_a_content_hash():
+    assert (
+        best_tag(["backendai-jupyter/r:3f2a9c1b7d4e", "backendai-jupyter/r:latest"])
+        == "backendai-jupyter/r:latest"
+    )
+    assert (
+        best_tag(["backendai-jupyter/r:3f2a9c1b7d4e", "backendai-jupyter/r:4.2"]) == "backendai-jupyter/r:4.2"
+    )
+    kernels = [
+        image_kernel(["backendai-jupyter/r:3f2a9c1b7d4e"], R_LABEL),
+        image_kernel(["backendai-jupyter/r:latest", "backendai-jupyter/r:aaaaaaaaaaaa"], R_LABEL),
+    ]
+    found = one_per_repository([k for k in kernels if k is not None])
+    assert list(found) == ["backendai-r"] and found["backendai-r"].image == "backendai-jupyter/r:latest"
+
+
+@pytest.mark.parametrize(
+    "label",
+    [{}, {"argv": []}, {"argv": "R"}, {"argv": [1, 2]}, "not a dict"],
+)
+def test_a_label_that_describes_no_kernel_makes_no_card(label):
+    assert image_kernel(["backendai-jupyter/x:latest"], label) is None  # type: ignore[arg-type]
+
+
+def test_only_a_small_png_is_taken_as_a_logo():
+    good = png()
+    assert decode_logo(base64.b64encode(good).decode()) == good
+    assert decode_logo(base64.b64encode(b"<svg/>").decode()) == b""
+    assert decode_logo("not base64 !") == b""
+    assert decode_logo(base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 70_000).decode()) == b""
+
+
+def test_images_are_found_from_their_folders_parents_first(tmp_path: Path):
+    for name, base in [
+        ("base", "debian:bookworm-slim"),
+        ("zeta", "backendai-jupyter/mid:latest"),
+        ("mid", "backendai-jupyter/base:latest"),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "Dockerfile").write_text(f"ARG BASE_IMAGE={base}\nFROM ${{BASE_IMAGE}}\n")
+    (tmp_path / "not-an-image").mkdir()
+    found = discover(tmp_path)
+    assert list(found) == ["base", "mid", "zeta"]
+    assert (found["base"].parent, found["mid"].parent, found["zeta"].parent) == (None, "base", "mid")
+    (tmp_path / "zeta" / "logo-64x64.png").write_bytes(png())
+    assert base64.b64decode(logo_label(tmp_path / "zeta")["io.backendai-jupyter.logo"]) == png()
+    assert logo_label(tmp_path / "mid") == {}
+    (tmp_path / "orphan").mkdir()
+    (tmp_path / "orphan" / "Dockerfile").write_text("ARG BASE_IMAGE=backendai-jupyter/missing:latest\n")
+    with pytest.raises(ImageBuildError, match="missing"):
+        discover(tmp_path)
+
+
+async def test_the_gateway_offers_one_card_per_image_repository_with_its_logo_and_interrupt_mode(
+    tmp_path: Path,
+):
+    async with running_gateway(tmp_path) as g:
+        ann = await g.user("ann")
+        agent = FakeAgent(g.url, "host-a", join_token=g.join_token)
+        logo = base64.b64encode(png()).decode()
+        agent.images = [
+            (IMAGE, KERNEL_LABEL),
+            ("backendai-jupyter/python:0123456789ab", KERNEL_LABEL),
+            ("backendai-jupyter/r:latest", R_LABEL),
+            ("backendai-jupyter/r:abcdefabcdef", R_LABEL),
+            ("backendai-jupyter/deno:latest", DENO_LABEL),
+            ("backendai-jupyter/broken:latest", {"display_name": "no argv"}),
+        ]
+        agent.logos = {"backendai-jupyter/r:latest": logo}
+        await agent.connect()
+        specs = (await ann("GET", "/api/kernelspecs", auth="token"))["kernelspecs"]
+        # Python is the installed presets' (one card per size); R and Deno come from their images.
+        assert {n for n in specs if not n.startswith("backendai-python3")} == {
+            "backendai-r",
+            "backendai-deno",
+        }
+        assert not any(c.isdigit() for n in specs for c in n.replace("python3", ""))
+        r = specs["backendai-r"]["spec"]
+        assert r["display_name"] == "R" and r["language"] == "R" and r["interrupt_mode"] == "signal"
+        config = r["metadata"]["kernel_provisioner"]["config"]
+        assert config == {"image": "backendai-jupyter/r:latest", "resources": {"cpu": "1", "mem": "2g"}}
+        assert specs["backendai-deno"]["spec"]["interrupt_mode"] == "message"
+        assert specs["backendai-r"]["resources"] == {"logo-64x64": "/kernelspecs/backendai-r/logo-64x64.png"}
+        served = await ann.fetch("GET", "/kernelspecs/backendai-r/logo-64x64.png", auth="token")
+        assert served.code == 200 and served.body == png()
+        assert specs["backendai-deno"]["resources"] == {}
+        agent.close()
+
+
+def test_kernelspecs_install_writes_one_spec_per_image_beside_the_python_presets(tmp_path: Path):
+    import json
+    import sys
+
+    from backendai_jupyter.kernelspec_install import install
+
+    kernels = [
+        image_kernel(["backendai-jupyter/r:latest"], R_LABEL, base64.b64encode(png()).decode()),
+        image_kernel(["backendai-jupyter/r:abcdefabcdef"], R_LABEL),
+        image_kernel([IMAGE], KERNEL_LABEL),  # the shipped presets start Python already
+    ]
+    paths = install(prefix=str(tmp_path), image_kernels=[k for k in kernels if k is not None])
+    names = sorted(Path(p).name for p in paths)
+    assert names == ["backendai-python3", "backendai-python3-gpu", "backendai-r"]
+    r = tmp_path / "share" / "jupyter" / "kernels" / "backendai-r"
+    spec = json.loads((r / "kernel.json").read_text())
+    assert spec["display_name"] == "R" and spec["interrupt_mode"] == "signal"
+    assert spec["argv"][0] == sys.executable and spec["argv"][-2:] == ["--kernel", "backendai-r"]
+    config = spec["metadata"]["kernel_provisioner"]["config"]
+    assert config == {"image": "backendai-jupyter/r:latest", "resources": {"cpu": "1", "mem": "2g"}}
+    assert (r / "logo-64x64.png").read_bytes() == png()
