@@ -31,6 +31,8 @@ from docker.models.images import Image
 
 REPOSITORY_PREFIX = "backendai-jupyter"
 BOOTSTRAP_IMAGE = "backendai-jupyter/bootstrap:bookworm"
+REGISTRY_BASE = "debian:bookworm-slim"
+PULL_TIMEOUT = 20.0  # seconds a registry has to answer before Debian is bootstrapped locally
 BASE_IMAGE_ENV = "BACKENDAI_BASE_IMAGE"
 CONTEXT_HASH_LABEL = "io.backendai-jupyter.context-hash"
 KERNEL_LABEL = "io.backendai-jupyter.kernel"
@@ -212,10 +214,14 @@ def _external_base(
     """Return (ref, image) of the image the base image builds FROM."""
     ref = base_image or os.environ.get(BASE_IMAGE_ENV) or None
     if ref is None:
-        # Without an explicit base we assume no registry is reachable and use
-        # (or create) the locally bootstrapped Debian image.
+        # Without an explicit base: a bootstrapped image made before, else the official
+        # image when a registry answers quickly, else bootstrap one locally.
         ref = BOOTSTRAP_IMAGE
         image = _image_or_none(client, ref)
+        if image is None:
+            official = _official_base(client, progress)
+            if official is not None:
+                return REGISTRY_BASE, official
         if image is None:
             _run_bootstrap(kernels_dir, progress)
             image = _image_or_none(client, ref)
@@ -234,6 +240,25 @@ def _external_base(
                 f"base image {ref} is not available locally and could not be pulled: {exc.explanation or exc}"
             ) from exc
     return ref, image
+
+
+def _official_base(client: docker.DockerClient, progress: Progress) -> Image | None:
+    """``debian:bookworm-slim``, when it is here or a registry gives it within a short while."""
+    image = _image_or_none(client, REGISTRY_BASE)
+    if image is not None:
+        return image
+    progress(f"base: trying to pull {REGISTRY_BASE} (at most {PULL_TIMEOUT:.0f} s)")
+    usual = client.api.timeout
+    client.api.timeout = PULL_TIMEOUT
+    try:
+        client.api.pull(REGISTRY_BASE)
+        return client.images.get(REGISTRY_BASE)
+    except (docker.errors.DockerException, OSError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        progress(f"base: no registry ({reason}); bootstrapping Debian locally")
+        return None
+    finally:
+        client.api.timeout = usual
 
 
 def _stream_build(

@@ -156,3 +156,67 @@ def test_kernelspecs_install_writes_one_spec_per_image_beside_the_python_presets
     config = spec["metadata"]["kernel_provisioner"]["config"]
     assert config == {"image": "backendai-jupyter/r:latest", "resources": {"cpu": "1", "mem": "2g"}}
     assert (r / "logo-64x64.png").read_bytes() == png()
+
+
+class _Images:
+    def __init__(self, present: set[str]) -> None:
+        self.present = present
+
+    def get(self, ref: str) -> object:
+        import docker.errors
+
+        if ref not in self.present:
+            raise docker.errors.ImageNotFound(ref)
+        return f"image:{ref}"
+
+
+class _Api:
+    timeout = 60
+
+    def __init__(self, images: _Images, registry: bool) -> None:
+        self.images, self.registry, self.pulls = images, registry, []
+
+    def pull(self, ref: str) -> None:
+        import docker.errors
+
+        self.pulls.append((ref, self.timeout))
+        if not self.registry:
+            raise docker.errors.APIError("Get https://registry-1.docker.io/v2/: dial tcp: no route to host")
+        self.images.present.add(ref)
+
+
+class _Client:
+    def __init__(self, present: set[str], registry: bool) -> None:
+        self.images = _Images(present)
+        self.api = _Api(self.images, registry)
+
+
+@pytest.mark.parametrize("registry", [True, False])
+def test_the_base_is_the_official_image_when_a_registry_answers_else_a_local_bootstrap(
+    registry: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    from backendai_jupyter import images
+
+    client = _Client(set(), registry)
+    bootstrapped = []
+
+    def bootstrap(kernels_dir: Path, progress: object) -> None:
+        bootstrapped.append(kernels_dir)
+        client.images.present.add(images.BOOTSTRAP_IMAGE)
+
+    monkeypatch.setattr(images, "_run_bootstrap", bootstrap)
+    ref, image = images._external_base(client, None, tmp_path, lambda line: None)  # type: ignore[arg-type]
+    assert client.api.pulls == [(images.REGISTRY_BASE, images.PULL_TIMEOUT)]  # asked once, briefly
+    assert client.api.timeout == 60  # and the client's own timeout is back
+    if registry:
+        assert (ref, image, bootstrapped) == (images.REGISTRY_BASE, f"image:{images.REGISTRY_BASE}", [])
+    else:
+        assert (ref, image, bootstrapped) == (
+            images.BOOTSTRAP_IMAGE,
+            f"image:{images.BOOTSTRAP_IMAGE}",
+            [tmp_path],
+        )
+    # A bootstrapped image made before is used as it is: no registry is tried again.
+    again = _Client({images.BOOTSTRAP_IMAGE}, registry)
+    assert images._external_base(again, None, tmp_path, lambda line: None)[0] == images.BOOTSTRAP_IMAGE  # type: ignore[arg-type]
+    assert again.api.pulls == []

@@ -43,8 +43,13 @@ if [[ "$force" -eq 0 ]] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
 fi
 
 [[ "$(id -u)" -eq 0 ]] || die "debootstrap needs root; run: sudo $0 $*"
-command -v debootstrap >/dev/null 2>&1 \
-    || die "debootstrap not found; install it: apt-get install debootstrap"
+if ! command -v debootstrap >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 \
+        || die "debootstrap not found and no apt-get to install it with: install debootstrap, or pass --base-image"
+    log "debootstrap not found: installing it with apt-get"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap; } >&2 \
+        || die "could not install debootstrap (apt-get install debootstrap)"
+fi
 [[ -r "$CA_BUNDLE" ]] \
     || die "$CA_BUNDLE missing on the host; install ca-certificates (apt inside the image needs it for https mirrors)"
 
