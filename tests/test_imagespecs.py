@@ -102,6 +102,8 @@ def test_images_are_found_from_their_folders_parents_first(tmp_path: Path):
 async def test_the_gateway_offers_one_card_per_image_repository_with_its_logo_and_interrupt_mode(
     tmp_path: Path,
 ):
+    # Repository names no installed kernelspec uses, so that what this machine has installed
+    # (kernelspecs of its own images) does not get in the way.
     async with running_gateway(tmp_path) as g:
         ann = await g.user("ann")
         agent = FakeAgent(g.url, "host-a", join_token=g.join_token)
@@ -109,29 +111,28 @@ async def test_the_gateway_offers_one_card_per_image_repository_with_its_logo_an
         agent.images = [
             (IMAGE, KERNEL_LABEL),
             ("backendai-jupyter/python:0123456789ab", KERNEL_LABEL),
-            ("backendai-jupyter/r:latest", R_LABEL),
-            ("backendai-jupyter/r:abcdefabcdef", R_LABEL),
-            ("backendai-jupyter/deno:latest", DENO_LABEL),
-            ("backendai-jupyter/broken:latest", {"display_name": "no argv"}),
+            ("backendai-jupyter/zz-r:latest", R_LABEL),
+            ("backendai-jupyter/zz-r:abcdefabcdef", R_LABEL),
+            ("backendai-jupyter/zz-deno:latest", DENO_LABEL),
+            ("backendai-jupyter/zz-broken:latest", {"display_name": "no argv"}),
         ]
-        agent.logos = {"backendai-jupyter/r:latest": logo}
+        agent.logos = {"backendai-jupyter/zz-r:latest": logo}
         await agent.connect()
         specs = (await ann("GET", "/api/kernelspecs", auth="token"))["kernelspecs"]
-        # Python is the installed presets' (one card per size); R and Deno come from their images.
-        assert {n for n in specs if not n.startswith("backendai-python3")} == {
-            "backendai-r",
-            "backendai-deno",
-        }
+        assert {n for n in specs if n.startswith("backendai-zz")} == {"backendai-zz-r", "backendai-zz-deno"}
+        # Python is the installed presets' (one card per size): its image makes no card of its own.
+        assert not [n for n in specs if "python" in n and not n.startswith("backendai-python3")]
         assert not any(c.isdigit() for n in specs for c in n.replace("python3", ""))
-        r = specs["backendai-r"]["spec"]
+        r = specs["backendai-zz-r"]["spec"]
         assert r["display_name"] == "R" and r["language"] == "R" and r["interrupt_mode"] == "signal"
         config = r["metadata"]["kernel_provisioner"]["config"]
-        assert config == {"image": "backendai-jupyter/r:latest", "resources": {"cpu": "1", "mem": "2g"}}
-        assert specs["backendai-deno"]["spec"]["interrupt_mode"] == "message"
-        assert specs["backendai-r"]["resources"] == {"logo-64x64": "/kernelspecs/backendai-r/logo-64x64.png"}
-        served = await ann.fetch("GET", "/kernelspecs/backendai-r/logo-64x64.png", auth="token")
+        assert config == {"image": "backendai-jupyter/zz-r:latest", "resources": {"cpu": "1", "mem": "2g"}}
+        assert specs["backendai-zz-deno"]["spec"]["interrupt_mode"] == "message"
+        logo_url = "/kernelspecs/backendai-zz-r/logo-64x64.png"
+        assert specs["backendai-zz-r"]["resources"] == {"logo-64x64": logo_url}
+        served = await ann.fetch("GET", logo_url, auth="token")
         assert served.code == 200 and served.body == png()
-        assert specs["backendai-deno"]["resources"] == {}
+        assert specs["backendai-zz-deno"]["resources"] == {}
         agent.close()
 
 
