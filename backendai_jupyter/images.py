@@ -68,6 +68,12 @@ IMAGES: dict[str, ImageSpec] = {
     for spec in (
         ImageSpec("base", "base", None),
         ImageSpec("python", "python", "base"),
+        ImageSpec("compiled-base", "compiled-base", "base"),
+        ImageSpec("c", "c", "compiled-base"),
+        ImageSpec("cpp", "cpp", "compiled-base"),
+        ImageSpec("go", "go", "compiled-base"),
+        ImageSpec("rust", "rust", "compiled-base"),
+        ImageSpec("java", "java", "compiled-base"),
     )
 }
 
