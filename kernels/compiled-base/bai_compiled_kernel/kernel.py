@@ -72,6 +72,8 @@ class CompiledKernel(Kernel):
         self._pgid: int | None = None  # process group of the running compiler or program
         self._interrupted = False
         self._interrupt_at = 0.0
+        self._silent = False
+        self._silent_runs = 0
         self._version = self.lang.version()
         self._prepared = threading.Thread(target=self._prepare, name="prepare", daemon=True)
         self._prepared.start()
@@ -167,7 +169,11 @@ class CompiledKernel(Kernel):
         self._interrupted = False
         if not code.strip():
             return self._ok()
-        label = f"cell[{self.execution_count}]"
+        if silent:  # does not count: a label of its own, not the last cell's
+            self._silent_runs += 1
+            label = f"silent[{self._silent_runs}]"
+        else:
+            label = f"cell[{self.execution_count}]"
         self._silent = silent
         try:
             return await self._execute(code, label, allow_stdin)
@@ -447,7 +453,7 @@ class CompiledKernel(Kernel):
     # -- replies ---------------------------------------------------------------------------------
 
     def _stream(self, name: str, text: str) -> None:
-        if not getattr(self, "_silent", False):
+        if not self._silent:
             self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
 
     def _ok(self) -> dict[str, Any]:
@@ -460,7 +466,7 @@ class CompiledKernel(Kernel):
 
     def _error(self, ename: str, evalue: str, traceback: list[str]) -> dict[str, Any]:
         content = {"ename": ename, "evalue": evalue, "traceback": traceback}
-        if not getattr(self, "_silent", False):
+        if not self._silent:
             self.send_response(self.iopub_socket, "error", content)
         return {"status": "error", "execution_count": self.execution_count, **content}
 
