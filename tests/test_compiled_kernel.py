@@ -10,6 +10,7 @@ starts kernels (read-only root, tmpfs home and /tmp, no capabilities).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import secrets
 import sys
@@ -821,3 +822,80 @@ def test_home_is_the_only_place_written(kernel: ContainerKernel) -> None:
 
 def test_samples_cover_every_language() -> None:
     assert set(SAMPLES) == set(LANGS)
+
+
+# --- through the gateway and an agent -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled_kernelspecs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Kernelspecs that start each language image through our provisioner (the gateway picks an
+    agent, the agent runs the container); interrupts go as signals through the provisioner."""
+    root = tmp_path_factory.mktemp("compiled-specs")
+    for lang in LANGS:
+        name = f"bai-compiled-e2e-{lang}"
+        spec = root / "kernels" / name
+        spec.mkdir(parents=True)
+        argv = [sys.executable, "-m", "backendai_jupyter.provisioner.launcher", "-f", "{connection_file}"]
+        config = {"image": f"backendai-jupyter/{lang}:latest", "resources": {"cpu": "1", "mem": "1g"}}
+        kernel_json = {
+            "display_name": f"{lang} (e2e)",
+            "language": lang,
+            "argv": [*argv, "--kernel", name],
+            "interrupt_mode": "signal",
+            "metadata": {
+                "kernel_provisioner": {"provisioner_name": "backendai-provisioner", "config": config}
+            },
+        }
+        (spec / "kernel.json").write_text(json.dumps(kernel_json))
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(root), old]))
+    try:
+        yield str(root)
+    finally:
+        if old is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = old
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("lang", LANGS)
+def test_through_gateway_and_agent(lang: str, stack: Any, compiled_kernelspecs: str) -> None:
+    """The agent's container (CurveZMQ, /tmp with exec, its init) runs the kernel; an interrupt
+    from KernelManager travels provisioner -> gateway -> agent -> SIGINT to the container."""
+    import threading
+
+    from jupyter_client.manager import KernelManager
+
+    from .kernel_helpers import client, run, stdout
+
+    if not _docker().images.list(name=f"backendai-jupyter/{lang}"):
+        pytest.skip(f"image backendai-jupyter/{lang} not built")
+    sample = SAMPLES[lang]
+    km = KernelManager(kernel_name=f"bai-compiled-e2e-{lang}")
+    km.start_kernel()
+    try:
+        kc = client(km)
+        reply, outputs = run(kc, sample.hello)
+        assert (reply["status"], stdout(outputs)) == ("ok", "hello, world\n"), outputs
+        assert run(kc, sample.define)[0]["status"] == "ok"
+        reply, outputs = run(kc, sample.call)
+        assert stdout(outputs) == "42\n", outputs
+
+        started = threading.Event()
+
+        def hook(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream" and "started" in msg["content"]["text"]:
+                started.set()
+
+        timer = threading.Thread(target=lambda: started.wait(60) and km.interrupt_kernel())
+        timer.start()
+        reply = kc.execute_interactive(sample.endless, output_hook=hook, timeout=90)["content"]
+        timer.join()
+        assert (reply["status"], reply["ename"]) == ("error", "KeyboardInterrupt")
+        reply, outputs = run(kc, sample.call)
+        assert stdout(outputs) == "42\n", outputs
+        kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
