@@ -111,6 +111,17 @@ def test_split_go_uses_semicolon_insertion() -> None:
     ]
 
 
+def test_split_go_for_and_if_clauses_keep_their_semicolons() -> None:
+    code = "for i := 0; i < 3; i++ {\n\tfmt.Println(i)\n}\nif v, ok := m[1]; ok {\n}\na := 1; b := 2\n"
+    texts = [c.text for c in split(code, "go")]
+    assert texts == [
+        "for i := 0; i < 3; i++ {\n\tfmt.Println(i)\n}",
+        "if v, ok := m[1]; ok {\n}",
+        "a := 1;",
+        "b := 2",
+    ]
+
+
 def test_split_initializers_and_lambdas_run_to_the_semicolon() -> None:
     assert len(split("auto f = [](int x) { return x; };\nf(1);", "cpp")) == 2
     assert len(split('let y = if a { 1 } else { 2 };\nprintln!("{}", y);', "rust")) == 2

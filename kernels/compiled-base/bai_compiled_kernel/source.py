@@ -290,6 +290,10 @@ def _scan_chunk(masked: str, start: int, lang: str) -> int:
                     continue
                 return i + 1
         elif c == ";" and depth == 0:
+            # Go's `for i := 0; i < n; i++ {` and `if v, ok := m[k]; ok {` go on to their block.
+            if lang == "go" and re.match(r"\s*(?:for|if|switch|select)\b", masked[start:i]):
+                i += 1
+                continue
             return i + 1
         elif c == "\n" and depth == 0 and lang == "go" and _go_ends_statement(masked, i):
             return i
