@@ -193,6 +193,7 @@ int arr[] = {1, 2};
 def test_c_control_flow_and_calls_are_statements() -> None:
     code = 'for (int i = 0; i < 3; i++) { puts("x"); }\nwhile (0) {}\nFOO(x) { }\nfoo(3);\nx = y(2);'
     assert keys("c", code) == []
+    assert keys("c", "p->next = make(1);\nobj.f(2);\nint y = g(3);") == []
 
 
 def test_cpp_declarations() -> None:
@@ -211,6 +212,8 @@ std::cout << twice(3) << std::endl;
 throw std::runtime_error("x");
 std::abort();
 Counter::reset();
+std::cout << s.items.size() << std::endl;
+std::cout << geo::area(2.0) << std::endl;
 """
     assert keys("cpp", code) == [
         "using:using namespace std;",
@@ -222,7 +225,7 @@ Counter::reset();
         "ns:util",
         "type:Vec",
     ]
-    assert len(stmts("cpp", code)) == 6
+    assert len(stmts("cpp", code)) == 8
 
 
 def test_go_declarations() -> None:
@@ -650,7 +653,8 @@ class ContainerKernel:
                 if on_output is not None:
                     on_output(msg)
         reply = kc.get_shell_msg(timeout=10)
-        assert reply["parent_header"]["msg_id"] == msg_id
+        while reply["parent_header"].get("msg_id") != msg_id:  # e.g. wait_for_ready's kernel_info
+            reply = kc.get_shell_msg(timeout=10)
         return Result(reply, outputs, done, requests)
 
 

@@ -323,6 +323,9 @@ class _CFamily(Language):
         prefix = before[: m.start()].strip()
         if not prefix and "::" not in name:
             return None  # a call like FOO(x) { ... }: no return type
+        # A return type is words, ::, template arguments, * and &: not `std::cout << x.f(`.
+        if not re.fullmatch(r"[\w\s:*&<>,\[\]]*", prefix) or "<<" in prefix:
+            return None
         if _LONE_EQ.search(re.sub(r"\boperator\s*\S+", " ", before)):
             return None
         return name, _paren_inner(head)
