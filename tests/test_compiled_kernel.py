@@ -601,11 +601,20 @@ class ContainerKernel:
         self.kc = BlockingKernelClient(connection_file=str(conn))
         self.kc.load_connection_file()
         self.kc.start_channels()
-        try:
-            self.kc.wait_for_ready(timeout=60)
-        except RuntimeError:
-            self.close()
-            raise
+        # Without a KernelManager, the client judges the kernel by heartbeats: on a busy host a
+        # starting kernel can miss one and be called dead. Believe the container instead.
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                self.kc.wait_for_ready(timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except RuntimeError:
+                self.container.reload()
+                if self.container.status != "running" or time.monotonic() > deadline:
+                    logs = self.logs()
+                    self.close()
+                    raise RuntimeError(f"kernel in {image.tags} did not start:\n{logs}") from None
+                time.sleep(0.5)
 
     def logs(self) -> str:
         return self.container.logs().decode(errors="replace")[-3000:]
