@@ -1,7 +1,10 @@
 """Draw the 64x64 logos of the compiled-language kernels (kernels/<lang>/logo-64x64.png).
 
 The language's short name in white on a coloured rounded square. Run with a Python that
-has Pillow and matplotlib (for its DejaVu Sans Bold font): ``python kernels/make_logos.py``.
+has Pillow and matplotlib (for its DejaVu Sans Bold font), e.g. the Python kernel image:
+
+    docker run --rm -u "$(id -u)" -e MPLCONFIGDIR=/tmp -v "$PWD/kernels:/k" \
+        backendai-jupyter/python python /k/make_logos.py
 """
 
 from __future__ import annotations
