@@ -148,11 +148,13 @@ class DockerBackend(ContainerBackend):
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             # The image is shared by every kernel started from it: nothing a user runs may change
-            # it. What a kernel writes goes to its home and /tmp, both size-limited tmpfs.
+            # it. What a kernel writes goes to its home and /tmp, both size-limited tmpfs. Docker
+            # mounts a tmpfs noexec unless told otherwise; /tmp says `exec`, since kernels of
+            # compiled languages build their programs there and run them.
             read_only=True,
             tmpfs={
                 pol.home: f"size={pol.home_size},uid={self._uid},gid={self._gid},mode=0700,nosuid,nodev",
-                "/tmp": f"size={pol.tmp_size},mode=1777,nosuid,nodev",
+                "/tmp": f"size={pol.tmp_size},mode=1777,nosuid,nodev,exec",
             },
             log_config=LogConfig(
                 type=LogConfig.types.JSON,
