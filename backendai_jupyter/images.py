@@ -40,7 +40,7 @@ LOGO_LABEL = "io.backendai-jupyter.logo"
 
 # Bump when the way the cache key is computed changes, so that old images are
 # not mistaken for up to date.
-_CACHE_KEY_VERSION = "1"
+_CACHE_KEY_VERSION = "2"  # 2: images carry their logo label
 # How many log lines an ImageBuildError carries.
 _ERROR_TAIL_LINES = 30
 
