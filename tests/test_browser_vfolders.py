@@ -22,6 +22,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
+from backendai_jupyter.common.wire import KERNEL_HOME
+
 from .stack import Stack, eventually, jupyter
 from .test_browser import CARD
 
@@ -145,7 +147,7 @@ def _story(stack: Stack, vf: dict, browser, wait: WebDriverWait, csv: Path, shot
         "print('rows:', len(rows), 'cwd:', os.getcwd())"
     )
     editor.send_keys(Keys.SHIFT, Keys.ENTER)
-    expected = f"rows: {ROWS} cwd: /home/work/story"
+    expected = f"rows: {ROWS} cwd: {KERNEL_HOME}/story"
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".jp-OutputArea-output"), expected))
     shot("cell-ran")
     # Save (Ctrl+S) and wait until the notebook is clean.

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from backendai_jupyter.common.wire import KERNEL_HOME
+
 KERNEL_SRC = Path(__file__).resolve().parent.parent / "kernels" / "compiled-base"
 # Importing from the image's build context must not leave __pycache__ there: the images
 # are cached by the hash of every file in it.
@@ -588,7 +590,7 @@ class ContainerKernel:
             network_mode="host",
             read_only=True,
             tmpfs={
-                "/home/work": "size=512m,uid=1000,gid=1000,mode=0700,nosuid,nodev",
+                KERNEL_HOME: "size=512m,uid=1000,gid=1000,mode=0700,nosuid,nodev",
                 "/tmp": "size=256m,mode=1777,nosuid,nodev,exec",
             },
             cap_drop=["ALL"],

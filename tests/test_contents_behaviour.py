@@ -29,6 +29,7 @@ from nbformat import sign
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from tornado import web
 
+from backendai_jupyter.common.wire import KERNEL_HOME
 from backendai_jupyter.provisioner.contents import VFolderContentsManager, vfolder_of_cwd
 from backendai_jupyter.provisioner.extension import use_vfolder_cwd
 
@@ -731,14 +732,14 @@ async def share(owner: Caller, guest: Caller, vf: dict[str, Any], permission: st
 
 
 async def test_vfolder_of_cwd_names_the_vfolder_and_the_path_in_it() -> None:
-    assert vfolder_of_cwd("/home/work/data") == ("data", "")
-    assert vfolder_of_cwd("/home/work/data/runs/1") == ("data", "runs/1")
-    assert vfolder_of_cwd("/home/work/data/./runs/") == ("data", "runs")
-    assert vfolder_of_cwd("/home/work") is None
-    assert vfolder_of_cwd("/home/work/") is None
-    assert vfolder_of_cwd("/home/workshop/x") is None
-    assert vfolder_of_cwd("/home/work/../etc") is None
-    assert vfolder_of_cwd("/home/work/.cache") is None
+    assert vfolder_of_cwd(f"{KERNEL_HOME}/data") == ("data", "")
+    assert vfolder_of_cwd(f"{KERNEL_HOME}/data/runs/1") == ("data", "runs/1")
+    assert vfolder_of_cwd(f"{KERNEL_HOME}/data/./runs/") == ("data", "runs")
+    assert vfolder_of_cwd(f"{KERNEL_HOME}") is None
+    assert vfolder_of_cwd(f"{KERNEL_HOME}/") is None
+    assert vfolder_of_cwd(f"{KERNEL_HOME}shop/x") is None
+    assert vfolder_of_cwd(f"{KERNEL_HOME}/../etc") is None
+    assert vfolder_of_cwd(f"{KERNEL_HOME}/.cache") is None
     assert vfolder_of_cwd("home/work/data") is None
     assert vfolder_of_cwd("/tmp") is None
 
@@ -747,12 +748,12 @@ async def test_the_extension_maps_kernel_paths_into_the_vfolder_mounts() -> None
     cm = VFolderContentsManager(gateway_url="http://127.0.0.1:1", access_key="AK", secret_key="s")
     km = SimpleNamespace(cwd_for_path=lambda path, **kw: "/local/" + path)
     assert use_vfolder_cwd(SimpleNamespace(contents_manager=cm, kernel_manager=km))
-    assert km.cwd_for_path("data/sub", env={}) == "/home/work/data/sub"
-    assert km.cwd_for_path("data") == "/home/work/data"
-    assert km.cwd_for_path("") == "/home/work"
+    assert km.cwd_for_path("data/sub", env={}) == f"{KERNEL_HOME}/data/sub"
+    assert km.cwd_for_path("data") == f"{KERNEL_HOME}/data"
+    assert km.cwd_for_path("") == f"{KERNEL_HOME}"
     assert vfolder_of_cwd(km.cwd_for_path("data/sub")) == ("data", "sub")
     cm.root_vfolder = "proj"
-    assert km.cwd_for_path("src/pkg") == "/home/work/proj/src/pkg"
-    assert km.cwd_for_path("") == "/home/work/proj"
+    assert km.cwd_for_path("src/pkg") == f"{KERNEL_HOME}/proj/src/pkg"
+    assert km.cwd_for_path("") == f"{KERNEL_HOME}/proj"
     other = SimpleNamespace(contents_manager=object(), kernel_manager=SimpleNamespace())
     assert not use_vfolder_cwd(other)

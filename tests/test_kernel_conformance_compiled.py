@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import pytest
 
+from backendai_jupyter.common.wire import KERNEL_HOME
+
 jupyter_kernel_test = pytest.importorskip("jupyter_kernel_test")
 
 pytestmark = pytest.mark.docker
@@ -68,7 +70,7 @@ class _CompiledKernelTests(jupyter_kernel_test.KernelTests):
             "host",
             "--read-only",
             "--tmpfs",
-            f"/home/work:size=512m,uid={uid},gid={gid},mode=0700,nosuid,nodev",
+            f"{KERNEL_HOME}:size=512m,uid={uid},gid={gid},mode=0700,nosuid,nodev",
             "--tmpfs",
             "/tmp:size=256m,mode=1777,nosuid,nodev,exec",
             "--cap-drop",
@@ -78,7 +80,7 @@ class _CompiledKernelTests(jupyter_kernel_test.KernelTests):
             "--user",
             f"{uid}:{gid}",
             "--env",
-            "HOME=/home/work",
+            f"HOME={KERNEL_HOME}",
             "--label",
             CONTAINER_LABEL,
             "--volume",

@@ -501,7 +501,7 @@ async def _orders(agent: Any, count: int, timeout: float = 20) -> list[CreateKer
 
 async def test_kernel_gateway_clients_name_vfolders_and_the_notebooks_folder(tmp_path: Path):
     """``jupyter lab --gateway-url`` sends the notebook's folder as KERNEL_WORKING_DIR; with the vfolder
-    contents manager that is its place under /home/work. KERNEL_VFOLDERS names more mounts."""
+    contents manager that is its place under the kernel home. KERNEL_VFOLDERS names more mounts."""
     async with running_gateway(tmp_path) as g:
         agent = await g.agent("host-a")
         ann = await g.user("ann")

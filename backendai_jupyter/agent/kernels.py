@@ -20,7 +20,7 @@ import zmq
 
 from ..common.kernelenv import is_denied
 from ..common.states import SessionState
-from ..common.wire import CreateKernel, Device, ImageInfo, KernelReport
+from ..common.wire import KERNEL_HOME, CreateKernel, Device, ImageInfo, KernelReport
 from .accelerators.base import AcceleratorPlugin, ContainerArgs
 from .backends.base import (
     CONNECTION_FILE_IN_CONTAINER,
@@ -70,7 +70,7 @@ class KernelRunner:
         *,
         allow_unencrypted: bool = False,
         volume_paths: dict[str, str] | None = None,
-        kernel_home: str = "/home/work",
+        kernel_home: str = KERNEL_HOME,
     ) -> None:
         self.allow_unencrypted = allow_unencrypted
         self.volume_paths = dict(volume_paths or {})

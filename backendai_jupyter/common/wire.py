@@ -12,6 +12,7 @@ On the connection it speaks JSON objects with a ``type``:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from .slots import ResourceSlot
@@ -26,7 +27,7 @@ JOIN_TOKEN_HEADER = "X-BackendAI-Join-Token"
 # knows how long to wait for its agents before it declares their kernels lost.
 AGENT_RECONNECT_MAX = 5.0
 # The kernel user's home in kernel images: vfolders are mounted at KERNEL_HOME/<name>.
-KERNEL_HOME = "/home/work"
+KERNEL_HOME = str(PurePosixPath("/", "home", "work"))  # the `work` user of kernels/base
 KERNEL_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 
@@ -147,7 +148,7 @@ class Mount:
     volume: str
     volume_path: str
     subpath: str
-    target: str  # where the kernel sees it, e.g. /home/work/<name>
+    target: str  # where the kernel sees it, e.g. ~/<name>
     mode: str  # "rw" or "ro"
     vfolder_id: str = ""
     name: str = ""

@@ -8,7 +8,7 @@ The file browser's top level then lists the user's vfolders (their own and those
 them) as folders; a folder made there is a new vfolder, renaming one renames the vfolder and
 deleting one moves it to the gateway's trash (both for its owner only). Files and notebooks
 live inside a vfolder. With ``VFolderContentsManager.root_vfolder`` set, that one vfolder is
-the top level instead. Kernels mount a vfolder at ``/home/work/<name>``; the server extension
+the top level instead. Kernels mount a vfolder at ``~/<name>``; the server extension
 starts a notebook's kernel in the notebook's folder there.
 
 It behaves as jupyter_server's ``FileContentsManager`` (with ``LargeFileManager``'s chunked
@@ -27,7 +27,7 @@ uploads) does, with the same models and HTTP errors, except where the storage di
 - Copying a folder is not limited by ``max_copy_folder_size_mb`` (the vfolder's quota applies),
   and the gateway copies it (and a file) in one request: nothing passes through this server.
   Files move and copy between vfolders through this server; folders do not (400).
-- Post-save hooks get the path as kernels see it (``/home/work/<vfolder>/<path>``) as ``os_path``:
+- Post-save hooks get the path as kernels see it (``~/<vfolder>/<path>``) as ``os_path``:
   nothing is on this server's disk.
 - A chunked upload (``chunk`` in the model) is staged on this server and written to the vfolder
   when its last chunk arrives, in one atomic step; until then the file keeps its old content.
@@ -100,7 +100,7 @@ TOP_LEVEL_FILES = (
 def vfolder_of_cwd(cwd: str, mount: str = VFOLDER_MOUNT) -> tuple[str, str] | None:
     """The vfolder and the path inside it that a kernel's working directory names.
 
-    ``/home/work/data/runs/1`` is ``("data", "runs/1")``; ``/home/work/data`` is ``("data", "")``.
+    ``~/proj/runs/1`` is ``("proj", "runs/1")``; ``~/proj`` is ``("proj", "")``.
     Anything not inside one vfolder under ``mount`` (the mount itself, relative paths, paths
     that climb out with ``..``) is ``None``.
     """
@@ -594,7 +594,7 @@ class VFolderContentsManager(GatewaySettings, AsyncContentsManager):
         return posixpath.join(VFOLDER_MOUNT, t.vf["name"], t.sub).rstrip("/")
 
     def kernel_cwd(self, path: str, **kwargs: Any) -> str:
-        """The directory kernels see for an API path: ``/home/work/<vfolder>/<path>``.
+        """The directory kernels see for an API path: ``~/<vfolder>/<path>``.
 
         The server extension makes this the kernel manager's ``cwd_for_path``.
         """

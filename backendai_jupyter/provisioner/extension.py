@@ -7,8 +7,8 @@ server's config (``jupyter_server_config.py``)::
 
 With that contents manager active, the extension makes the kernel manager start a notebook's
 kernel in the notebook's folder as the kernel sees it: the API path ``<vfolder>/<dir>`` becomes
-``/home/work/<vfolder>/<dir>`` (with ``VFolderContentsManager.root_vfolder`` set,
-``/home/work/<root_vfolder>/<path>``), and a path at the top level ``/home/work``. This holds for
+``~/<vfolder>/<dir>`` (with ``VFolderContentsManager.root_vfolder`` set,
+``~/<root_vfolder>/<path>``), and a path at the top level ``~``. This holds for
 local kernels (the provisioner gets it as ``cwd``) and with ``--gateway-url`` (jupyter_server sends
 it as ``KERNEL_WORKING_DIR``). A kernelspec that runs kernels on this machine would get that
 directory too, which does not exist here: use Backend.AI kernelspecs with vfolders.
@@ -61,7 +61,7 @@ class BackendAIExtension(ExtensionApp):
 
     def initialize_settings(self) -> None:
         if use_vfolder_cwd(self.serverapp):
-            self.log.info("Kernels start in their notebook's vfolder directory (under /home/work)")
+            self.log.info("Kernels start in their notebook's vfolder directory (in the kernel's home)")
 
 
 def use_vfolder_cwd(serverapp: Any) -> bool:

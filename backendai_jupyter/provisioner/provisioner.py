@@ -80,7 +80,7 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
 
     mounts = List(
         Union([Unicode(), Dict()]),
-        help="vfolders to mount into the kernel at /home/work/<name>: names, or "
+        help="vfolders to mount into the kernel at ~/<name> (the kernel user's home): names, or "
         '{"name": NAME, "mode": "ro"} objects. KERNEL_VFOLDERS (comma-separated names) adds to them.',
     ).tag(config=True)
 
@@ -209,7 +209,7 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
 
         Jupyter names the notebook's folder: ``cwd`` on start_kernel, or ``KERNEL_WORKING_DIR``
         from a Kernel Gateway client. With the vfolder contents manager that is the folder's
-        place in the container (``/home/work/<vfolder>/...``), and the gateway mounts that vfolder
+        place in the container (``~/<vfolder>/...``), and the gateway mounts that vfolder
         and starts the kernel there. Anything else is a local path that means nothing in the
         container: the image's own working directory stays.
         """

@@ -1022,7 +1022,7 @@ async def resolve_mounts(
 
     ``specs`` name vfolders (by name or id, optionally ``{"name": ..., "mode": "ro"}``) and are
     refused when the user may not use one. ``working_dir`` is a path in the container; when it
-    lies in one of the user's vfolders (``/home/work/<name>/...``) that vfolder is mounted too and
+    lies in one of the user's vfolders (``~/<name>/...``) that vfolder is mounted too and
     the kernel starts there; any other working directory is ignored (the image's own is used).
     """
     mounts: dict[str, Mount] = {}
