@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BAI := $(VENV)/bin/backendai-jupyter
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint docker images kernelspecs clean
+.PHONY: setup demo test test-postgres lint docker images kernelspecs clean
 
 setup: $(STAMP) docker images kernelspecs
 
@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy backendai_jupyter/common backendai_jupyter/provisioner backendai_jupyter/agent/backends/base.py \
-		backendai_jupyter/agent/accelerators
+		backendai_jupyter/agent/launch.py backendai_jupyter/agent/accelerators
 
 # jupyter_client 6 (ignores kernel provisioners) with a matching nbclient, for the launcher's test.
 COMPAT := .venv-jc6/.installed
@@ -50,6 +50,11 @@ test: LANGS = all
 test: setup lint $(COMPAT)
 	@bash scripts/ensure-browser.sh
 	$(VENV)/bin/pytest
+
+# The gateway's tests again, each on a fresh PostgreSQL database (installed and started when
+# missing, as root). The tests that need Docker run on SQLite only, in `make test`.
+test-postgres: $(STAMP)
+	url=$$(bash scripts/ensure-postgres.sh) && BAI_TEST_POSTGRES=$$url $(VENV)/bin/pytest -m "not docker"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache

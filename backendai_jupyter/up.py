@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from jupyter_core.application import base_aliases, base_flags
-from traitlets import Unicode
+from traitlets import TraitError, Unicode, validate
 
 from .agent.app import Agent
 from .common.clientconfig import ClientConfig, default_path
 from .gateway.app import Gateway
 from .gateway.cli import INSECURE_FLAG
+from .gateway.vfolders.requests import check_name
 from .service import ServiceApp
 
 
@@ -37,6 +38,14 @@ class UpApp(ServiceApp):
         help="Where to write the client config; <jupyter config dir>/backendai_client.json when empty "
         "(env BACKENDAI_CLIENT_CONFIG)."
     ).tag(config=True)
+
+    @validate("first_vfolder")
+    def _valid_first_vfolder(self, proposal: dict[str, str]) -> str:
+        name = proposal["value"]
+        try:
+            return check_name(name) if name else name
+        except ValueError as e:
+            raise TraitError(f"UpApp.first_vfolder {e}") from None
 
     def start(self) -> None:
         gw = Gateway(parent=self)

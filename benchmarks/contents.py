@@ -30,7 +30,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from measure import BenchmarkError, log, percentile  # benchmarks/ is on sys.path when run as a script
+from measure import (  # benchmarks/ is on sys.path when run as a script
+    BenchmarkError,
+    log,
+    percentile,
+    start_gateway,
+)
 
 TARGET_RATIO = 1.5  # get, save, list: at most this many times the file manager's time
 TARGET_TRANSFER = 0.5  # upload, download: at least this fraction of a local copy's speed
@@ -67,16 +72,7 @@ class GatewayProcess:
             "--data-dir",
             str(self.data_dir),
         ]
-        out = open(self.log_path, "wb")  # noqa: SIM115 (the process keeps it)
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchmarkError(f"the gateway exited: {self.log_path.read_text()[-2000:]}")
-            if b"gateway ready at" in self.log_path.read_bytes():
-                return
-            time.sleep(0.1)
-        raise BenchmarkError(f"the gateway did not start in {timeout}s: {self.log_path.read_text()[-2000:]}")
+        self.proc = start_gateway(cmd, self.log_path, timeout)
 
     def admin(self) -> dict[str, str]:
         data: dict[str, str] = json.loads((self.data_dir / "admin-keypair.json").read_text())

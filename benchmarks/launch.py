@@ -68,9 +68,10 @@ from jupyter_client.manager import KernelManager
 from jupyter_client.session import Session
 from measure import BenchmarkError, log, percentile  # benchmarks/ is on sys.path when run as a script
 
-from backendai_jupyter.agent.backends.base import CONNECTION_FILE_IN_CONTAINER, CONTAINER_PORTS, KERNEL_LABEL
+from backendai_jupyter.agent.launch import CONNECTION_FILE_IN_CONTAINER, CONTAINER_PORTS
 from backendai_jupyter.common.clientconfig import ENV_PATH
 from backendai_jupyter.common.errors import ApiError
+from backendai_jupyter.common.imagespecs import KERNEL_LABEL
 from backendai_jupyter.provisioner.client import GatewayClient
 from backendai_jupyter.provisioner.provisioner import LaunchError, client_config
 

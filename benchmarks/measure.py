@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 
 class BenchmarkError(Exception):
@@ -24,3 +27,23 @@ def percentile(values: list[float], q: float) -> float:
     lo = math.floor(k)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def start_gateway(
+    cmd: list[str],
+    log_path: Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    name: str = "the gateway",
+) -> subprocess.Popen[bytes]:
+    """Start a gateway process logging to ``log_path``; return it once it says it is ready."""
+    out = open(log_path, "wb")  # noqa: SIM115 (the process keeps it)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchmarkError(f"{name} exited: {log_path.read_text()[-2000:]}")
+        if b"gateway ready at" in log_path.read_bytes():
+            return proc
+        time.sleep(0.05)
+    raise BenchmarkError(f"{name} did not start in {timeout} s: {log_path.read_text()[-2000:]}")

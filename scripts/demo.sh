@@ -31,7 +31,7 @@ done
 grep -E "is up|client config|vfolder" "$LOG"
 echo "gateway log: $LOG"
 echo "Open JupyterLab: the file browser shows your vfolders; open one and pick \"Python 3 (Backend.AI)\" in the launcher."
-# The file browser shows the user's vfolders (the files kernels see at /home/work/<vfolder>).
+# The file browser shows the user's vfolders (the files kernels see at ~/<vfolder>).
 LAB_ARGS=(--no-browser --port "$LAB_PORT" --ServerApp.ip=127.0.0.1
     --ServerApp.contents_manager_class=backendai_jupyter.provisioner.contents.VFolderContentsManager)
 if [[ $(id -u) -eq 0 ]]; then LAB_ARGS+=(--allow-root); fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,9 +14,54 @@ import pytest
 from jupyter_client.manager import KernelManager
 from selenium import webdriver
 
+from . import databases
+from .language_kernels import LANGUAGE_IMAGES, launcher_argv, write_kernelspecs
 from .stack import Stack, aid, port_span, remove_containers, start_up
 
 SPEC = "backendai-python3"
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables for a fixture's lifetime (longer than a test's monkeypatch)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    problem = databases.check_server_url()
+    if problem:
+        raise pytest.UsageError(problem)
+
+
+@pytest.fixture(scope="session")
+def _databases_in_use() -> Iterator[list[str]]:
+    """Databases whose tests ended while something still used them: dropped at the end."""
+    left: list[str] = []
+    yield left
+    for url in left:
+        databases.drop(url, force=True)
+
+
+@pytest.fixture(autouse=True)
+def test_database(_databases_in_use: list[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """With BAI_TEST_POSTGRES: a fresh PostgreSQL database for the gateways this test starts."""
+    if not databases.server_url():
+        yield ""
+        return
+    url = databases.create()
+    monkeypatch.setenv("BACKENDAI_DB_URL", url)
+    yield url
+    if not databases.drop(url):
+        _databases_in_use.append(url)
 
 
 @pytest.fixture(scope="session")
@@ -30,17 +76,16 @@ def docker_engine() -> docker.DockerClient:
 def stack(tmp_path_factory: pytest.TempPathFactory, docker_engine: docker.DockerClient) -> Iterator[Stack]:
     """One `backendai-jupyter up` for the test session; its client config is what clients use."""
     tmp = tmp_path_factory.mktemp("up")
-    s = start_up(tmp, aid("test-up"), port_span("31000-31499"))
-    old = os.environ.get("BACKENDAI_CLIENT_CONFIG")
-    os.environ["BACKENDAI_CLIENT_CONFIG"] = str(s.client_config)
+    # Its own database (with BAI_TEST_POSTGRES), not that of the test that happens to start it.
+    db_url = databases.create() if databases.server_url() else ""
+    s = start_up(tmp, aid("test-up"), port_span("31000-31499"), db_url=db_url)
     try:
-        yield s
+        with environ(BACKENDAI_CLIENT_CONFIG=str(s.client_config)):
+            yield s
     finally:
-        if old is None:
-            os.environ.pop("BACKENDAI_CLIENT_CONFIG", None)
-        else:
-            os.environ["BACKENDAI_CLIENT_CONFIG"] = old
         code = s.stop()
+        if db_url:
+            databases.drop(db_url, force=True)
         leftovers = remove_containers(s.agent_id)
         assert code == 0, s.log.read_text()[-3000:]
         assert leftovers == 0, "`backendai-jupyter up` left kernel containers behind"
@@ -65,15 +110,7 @@ def extra_kernelspecs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def make(name: str, **config: object) -> str:
         src = json.loads((Path(__file__).parent.parent / "kernelspecs" / SPEC / "kernel.json").read_text())
         src["metadata"]["kernel_provisioner"]["config"].update(config)
-        src["argv"] = [
-            "python",
-            "-m",
-            "backendai_jupyter.provisioner.launcher",
-            "-f",
-            "{connection_file}",
-            "--kernel",
-            name,
-        ]
+        src["argv"] = launcher_argv(name, "python")
         d = tmp_path / "kernels" / name
         d.mkdir(parents=True)
         (d / "kernel.json").write_text(json.dumps(src))
@@ -81,6 +118,24 @@ def extra_kernelspecs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     return make
+
+
+@pytest.fixture(scope="session")
+def language_kernelspecs(
+    tmp_path_factory: pytest.TempPathFactory, stack: Stack, docker_engine: docker.DockerClient
+) -> Iterator[dict[str, str]]:
+    """Kernelspecs for every language image (image name -> kernelspec name) on JUPYTER_PATH."""
+    missing = [
+        name for name in LANGUAGE_IMAGES if not docker_engine.images.list(name=f"backendai-jupyter/{name}")
+    ]
+    assert not missing, (
+        f"build the kernel images first: python -m backendai_jupyter.images {' '.join(missing)}"
+    )
+    root = tmp_path_factory.mktemp("jupyter-path")
+    names = write_kernelspecs(docker_engine, root)
+    old = os.environ.get("JUPYTER_PATH")
+    with environ(JUPYTER_PATH=os.pathsep.join([str(root), *([old] if old else [])])):
+        yield names
 
 
 @pytest.fixture

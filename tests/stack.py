@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,10 @@ class Stack:
 
     def containers(self, all_: bool = True) -> list[Any]:
         client = docker.from_env()
-        return client.containers.list(all=all_, filters={"label": f"{AGENT_LABEL}={self.agent_id}"})
+        # (A container removed between the listing and its inspection is not there: no error.)
+        return client.containers.list(
+            all=all_, filters={"label": f"{AGENT_LABEL}={self.agent_id}"}, ignore_removed=True
+        )
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -137,13 +140,18 @@ class Stack:
         return self.proc.returncode
 
 
-def start_up(tmp: Path, agent_id: str, port_range: str, *extra: str) -> Stack:
-    """Start `backendai-jupyter up` in its own data directory and wait until it is ready."""
+def start_up(tmp: Path, agent_id: str, port_range: str, *extra: str, db_url: str | None = None) -> Stack:
+    """Start `backendai-jupyter up` in its own data directory and wait until it is ready.
+
+    ``db_url``: its database (BACKENDAI_DB_URL), when not the environment's.
+    """
     port = free_port()
     cfg_path = tmp / "client.json"
     log = tmp / "up.log"
     # A secret-looking variable in the gateway's own environment: tests check it reaches no kernel.
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config"), GATEWAY_CANARY: "gateway-only"}
+    if db_url is not None:
+        env["BACKENDAI_DB_URL"] = db_url
     cmd = [
         BAI,
         "up",
@@ -164,10 +172,19 @@ def start_up(tmp: Path, agent_id: str, port_range: str, *extra: str) -> Stack:
 
 
 def remove_containers(agent_id: str) -> int:
+    """Remove the agent's containers; one its agent is removing already counts as removed."""
     client = docker.from_env()
-    found = client.containers.list(all=True, filters={"label": f"{AGENT_LABEL}={agent_id}"})
+    found = client.containers.list(
+        all=True, filters={"label": f"{AGENT_LABEL}={agent_id}"}, ignore_removed=True
+    )
     for c in found:
-        c.remove(force=True)
+        try:
+            c.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # 409: its removal is already in progress
+                raise
     return len(found)
 
 
@@ -287,7 +304,14 @@ class Cluster:
         self.agent = self._agent(self.agent_id, self.port_range, "agent", f"agent{self.agent_runs}.log")
 
     def _agent(
-        self, agent_id: str, port_range: str, state: str, log_name: str, *args: str, wait: bool = True
+        self,
+        agent_id: str,
+        port_range: str,
+        state: str,
+        log_name: str,
+        *args: str,
+        wait: bool = True,
+        gateway_urls: Sequence[str] = (),
     ) -> subprocess.Popen[str]:
         log = self.tmp / log_name
         own_ca = (a.startswith("--Agent.ca_file=") for a in args)  # a test's own CA wins
@@ -295,7 +319,7 @@ class Cluster:
         cmd = [
             BAI,
             "agent",
-            f"--gateway-url={self.url}",
+            f"--gateway-url={','.join(gateway_urls or [self.url])}",
             f"--id={agent_id}",
             f"--port-range={port_range}",
             f"--state-dir={self.tmp / state}",
@@ -312,11 +336,20 @@ class Cluster:
         return next((a["status"] for a in agents if a["id"] == self.agent_id), "")
 
     def add_agent(
-        self, agent_id: str, port_range: str, *args: str, wait: bool = True
+        self, agent_id: str, port_range: str, *args: str, wait: bool = True, gateway_urls: Sequence[str] = ()
     ) -> subprocess.Popen[str]:
-        """Another agent process with its own id, ports and state directory (log: agent-ID.log)."""
+        """Another agent process with its own id, ports and state directory (log: agent-ID.log).
+
+        ``gateway_urls``: the gateways it links to, when not just this cluster's.
+        """
         proc = self._agent(
-            agent_id, port_range, f"agent-{agent_id}", f"agent-{agent_id}.log", *args, wait=wait
+            agent_id,
+            port_range,
+            f"agent-{agent_id}",
+            f"agent-{agent_id}.log",
+            *args,
+            wait=wait,
+            gateway_urls=gateway_urls,
         )
         self.others[agent_id] = proc
         return proc

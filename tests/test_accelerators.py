@@ -6,12 +6,12 @@ import logging
 import os
 from decimal import Decimal
 
-import docker.types
 import pytest
 
 from backendai_jupyter.agent.accelerators.base import load_plugins
 from backendai_jupyter.agent.accelerators.mock import MockPlugin
 from backendai_jupyter.agent.accelerators.nvidia import NvidiaPlugin, sysfs_pci_name
+from backendai_jupyter.agent.launch import DeviceGrant, Mount
 from backendai_jupyter.common.slots import ResourceSlot
 from backendai_jupyter.common.wire import Device
 
@@ -94,39 +94,39 @@ async def test_mock_stats_are_simulated_zeros_with_total_memory():
     ]
 
 
-# -- mock container arguments ----------------------------------------------------------------------
+# -- mock device grants ----------------------------------------------------------------------
 
 
-async def test_mock_whole_devices_get_the_cuda_environment_and_no_device_requests():
+async def test_mock_whole_devices_get_the_cuda_environment_and_no_devices():
     plugin = MockPlugin(TWO_DECLARED)
     devices = await plugin.discover()
-    args = plugin.container_args({"1": Decimal(1), "0": Decimal(1)}, devices)
-    assert args.env == {
+    grant = plugin.grant({"1": Decimal(1), "0": Decimal(1)}, devices)
+    assert grant.env == {
         "NVIDIA_VISIBLE_DEVICES": "GPU-mock-agent-a-0,GPU-mock-agent-a-1",
         "BACKENDAI_ACCELERATOR_DEVICES": "0,1",
         "BACKENDAI_ACCELERATOR_MOCK": "1",
     }
-    assert args.device_requests == [] and args.volumes == {}
+    assert grant.device_ids == [] and grant.mounts == []
 
 
 async def test_mock_fraction_sets_mps_limits():
     plugin = MockPlugin({**TWO_DECLARED, "sharing": True})
     devices = await plugin.discover()
-    args = plugin.container_args({"1": Decimal("0.25")}, devices)
-    assert args.env["NVIDIA_VISIBLE_DEVICES"] == "GPU-mock-agent-a-1"
-    assert args.env["BACKENDAI_ACCELERATOR_DEVICES"] == "1"
-    assert args.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
-    assert args.env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={10 * GiB // MiB}M"
-    assert args.device_requests == [] and args.volumes == {}
+    grant = plugin.grant({"1": Decimal("0.25")}, devices)
+    assert grant.env["NVIDIA_VISIBLE_DEVICES"] == "GPU-mock-agent-a-1"
+    assert grant.env["BACKENDAI_ACCELERATOR_DEVICES"] == "1"
+    assert grant.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
+    assert grant.env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={10 * GiB // MiB}M"
+    assert grant.device_ids == [] and grant.mounts == []
 
 
 async def test_mock_refuses_unknown_ids_and_fractions_without_sharing():
     plugin = MockPlugin(TWO_DECLARED)
     devices = await plugin.discover()
     with pytest.raises(ValueError, match="unknown device id.*7"):
-        plugin.container_args({"7": Decimal(1)}, devices)
+        plugin.grant({"7": Decimal(1)}, devices)
     with pytest.raises(ValueError, match="whole devices"):
-        plugin.container_args({"0": Decimal("0.5")}, devices)
+        plugin.grant({"0": Decimal("0.5")}, devices)
 
 
 # -- finding plugins ---------------------------------------------------------------------------
@@ -173,36 +173,35 @@ async def test_nvidia_sharing_follows_the_mps_control_pipe(tmp_path):
     assert plugin.sharing_supported
 
 
-def test_nvidia_whole_devices_get_a_device_request_for_exactly_their_uuids():
+def test_nvidia_whole_devices_are_granted_to_the_nvidia_driver_by_exactly_their_uuids():
     plugin = NvidiaPlugin({})
-    args = plugin.container_args({"2": Decimal(1), "0": Decimal(1)}, gpus("0", "1", "2"))
-    (request,) = args.device_requests
-    assert isinstance(request, docker.types.DeviceRequest)
-    assert request.driver == "nvidia"
-    assert request.device_ids == ["GPU-0-uuid", "GPU-2-uuid"]
-    assert request.capabilities == [["gpu"]]
-    assert args.env == {
+    grant = plugin.grant({"2": Decimal(1), "0": Decimal(1)}, gpus("0", "1", "2"))
+    assert isinstance(grant, DeviceGrant) and grant.plugin == "cuda"
+    assert grant.driver == "nvidia"
+    assert grant.device_ids == ["GPU-0-uuid", "GPU-2-uuid"]
+    assert grant.capabilities == ["gpu"] and grant.device_nodes == []
+    assert grant.env == {
         "NVIDIA_VISIBLE_DEVICES": "GPU-0-uuid,GPU-2-uuid",
         "BACKENDAI_ACCELERATOR_DEVICES": "0,2",
     }
-    assert args.volumes == {}
+    assert grant.mounts == []
 
 
 def test_nvidia_ids_sort_numerically():
-    args = NvidiaPlugin({}).container_args({"10": Decimal(1), "2": Decimal(1)}, gpus("2", "10"))
-    assert args.env["BACKENDAI_ACCELERATOR_DEVICES"] == "2,10"
-    assert args.device_requests[0].device_ids == ["GPU-2-uuid", "GPU-10-uuid"]
+    grant = NvidiaPlugin({}).grant({"10": Decimal(1), "2": Decimal(1)}, gpus("2", "10"))
+    assert grant.env["BACKENDAI_ACCELERATOR_DEVICES"] == "2,10"
+    assert grant.device_ids == ["GPU-2-uuid", "GPU-10-uuid"]
 
 
 def test_nvidia_fraction_uses_mps_with_the_pipe_directory_mounted(tmp_path):
     plugin = NvidiaPlugin({"mps_pipe_dir": str(tmp_path)})
     plugin.sharing_supported = True
-    args = plugin.container_args({"1": Decimal("0.5")}, gpus("0", "1", shares="1"))
-    assert args.device_requests[0].device_ids == ["GPU-1-uuid"]
-    assert args.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
-    assert args.env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={40 * GiB // MiB}M"
-    assert args.env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path)
-    assert args.volumes == {str(tmp_path): {"bind": str(tmp_path), "mode": "rw"}}
+    grant = plugin.grant({"1": Decimal("0.5")}, gpus("0", "1", shares="1"))
+    assert grant.device_ids == ["GPU-1-uuid"]
+    assert grant.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert grant.env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={40 * GiB // MiB}M"
+    assert grant.env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path)
+    assert grant.mounts == [Mount(str(tmp_path), str(tmp_path), read_only=False)]
 
 
 def test_nvidia_and_mock_give_kernels_the_same_environment():
@@ -210,8 +209,8 @@ def test_nvidia_and_mock_give_kernels_the_same_environment():
     real = NvidiaPlugin({"mps_pipe_dir": "/run/mps"})
     real.sharing_supported = True
     fake = MockPlugin({"devices": 1, "sharing": True})
-    real_env = real.container_args(allocation, gpus("0", shares="1")).env
-    fake_env = fake.container_args(allocation, gpus("0", shares="1")).env
+    real_env = real.grant(allocation, gpus("0", shares="1")).env
+    fake_env = fake.grant(allocation, gpus("0", shares="1")).env
     assert {k: v for k, v in real_env.items() if k != "CUDA_MPS_PIPE_DIRECTORY"} == {
         k: v for k, v in fake_env.items() if k != "BACKENDAI_ACCELERATOR_MOCK"
     }
@@ -220,20 +219,20 @@ def test_nvidia_and_mock_give_kernels_the_same_environment():
 def test_nvidia_refuses_unknown_ids_and_unsupported_fractions():
     plugin = NvidiaPlugin({})
     with pytest.raises(ValueError, match="unknown device id"):
-        plugin.container_args({"9": Decimal(1)}, gpus("0"))
+        plugin.grant({"9": Decimal(1)}, gpus("0"))
     with pytest.raises(ValueError, match="whole devices"):
-        plugin.container_args({"0": Decimal("0.5")}, gpus("0"))
+        plugin.grant({"0": Decimal("0.5")}, gpus("0"))
     plugin.sharing_supported = True
     with pytest.raises(ValueError, match="only device"):
-        plugin.container_args({"0": Decimal("0.5"), "1": Decimal(1)}, gpus("0", "1", shares="1"))
+        plugin.grant({"0": Decimal("0.5"), "1": Decimal(1)}, gpus("0", "1", shares="1"))
 
 
 def test_mig_instances_are_allocated_by_their_own_uuid():
     mig_uuid = "MIG-4a1b2c3d-0000-1111-2222-333344445555"
     mig = Device(plugin="cuda", id=mig_uuid, uuid=mig_uuid, model="NVIDIA A100 MIG 1g.5gb", memory=5 * GiB)
-    args = NvidiaPlugin({}).container_args({mig_uuid: Decimal(1)}, [mig])
-    assert args.device_requests[0].device_ids == [mig_uuid]
-    assert args.env["BACKENDAI_ACCELERATOR_DEVICES"] == mig_uuid
+    grant = NvidiaPlugin({}).grant({mig_uuid: Decimal(1)}, [mig])
+    assert grant.device_ids == [mig_uuid]
+    assert grant.env["BACKENDAI_ACCELERATOR_DEVICES"] == mig_uuid
 
 
 def test_nvml_bus_ids_map_to_sysfs_names():

@@ -56,7 +56,7 @@ async def test_jupyter_server_serves_vfolders_through_its_contents_api(
 ) -> None:
     async with running_gateway(tmp_path) as g:
         ann = await g.user("ann")
-        await ann("POST", "/v1/vfolders", {"name": "work"})
+        await ann("POST", "/v1/vfolders", {"name": "notes"})
         monkeypatch.setenv("BACKENDAI_GATEWAY_URL", g.url)
         monkeypatch.setenv("BACKENDAI_ACCESS_KEY", ann.creds["access_key"])
         monkeypatch.setenv("BACKENDAI_SECRET_KEY", ann.creds["secret_key"])
@@ -70,27 +70,27 @@ async def test_jupyter_server_serves_vfolders_through_its_contents_api(
 async def _session(lab: Lab) -> None:
     # The file browser at the top: the user's vfolders.
     top = await lab("GET", "/api/contents?content=1")
-    assert [m["name"] for m in top["content"]] == ["work"]
+    assert [m["name"] for m in top["content"]] == ["notes"]
     assert top["content"][0]["type"] == "directory"
 
     # New notebook from the launcher, edited and saved.
-    nb = await lab("POST", "/api/contents/work", {"type": "notebook"}, status=201)
-    assert nb["path"] == "work/Untitled.ipynb"
+    nb = await lab("POST", "/api/contents/notes", {"type": "notebook"}, status=201)
+    assert nb["path"] == "notes/Untitled.ipynb"
     doc = new_notebook(cells=[new_code_cell("print('hello')")])
-    saved = await lab("PUT", "/api/contents/work/Untitled.ipynb", {"type": "notebook", "content": doc})
+    saved = await lab("PUT", "/api/contents/notes/Untitled.ipynb", {"type": "notebook", "content": doc})
     assert saved["type"] == "notebook" and saved["writable"] is True
-    got = await lab("GET", "/api/contents/work/Untitled.ipynb?content=1&hash=1")
+    got = await lab("GET", "/api/contents/notes/Untitled.ipynb?content=1&hash=1")
     assert got["content"]["cells"][0]["source"] == "print('hello')"
     assert got["hash_algorithm"] == "sha256" and got["hash"]
 
     # Checkpoints: the first came with the first save; save one, change, revert.
-    cps = await lab("GET", "/api/contents/work/Untitled.ipynb/checkpoints")
+    cps = await lab("GET", "/api/contents/notes/Untitled.ipynb/checkpoints")
     assert [c["id"] for c in cps] == ["checkpoint"]
-    cp = await lab("POST", "/api/contents/work/Untitled.ipynb/checkpoints", status=201)
+    cp = await lab("POST", "/api/contents/notes/Untitled.ipynb/checkpoints", status=201)
     doc.cells[0].source = "changed"
-    await lab("PUT", "/api/contents/work/Untitled.ipynb", {"type": "notebook", "content": doc})
-    await lab("POST", f"/api/contents/work/Untitled.ipynb/checkpoints/{cp['id']}", status=204)
-    reverted = await lab("GET", "/api/contents/work/Untitled.ipynb")
+    await lab("PUT", "/api/contents/notes/Untitled.ipynb", {"type": "notebook", "content": doc})
+    await lab("POST", f"/api/contents/notes/Untitled.ipynb/checkpoints/{cp['id']}", status=204)
+    reverted = await lab("GET", "/api/contents/notes/Untitled.ipynb")
     assert reverted["content"]["cells"][0]["source"] == "print('hello')"
 
     # An upload in chunks, as JupyterLab sends files over 1 MB, then served by /files/.
@@ -98,25 +98,25 @@ async def _session(lab: Lab) -> None:
     pieces = [data[:100_000], data[100_000:200_000], data[200_000:]]
     for n, piece in zip((1, 2, -1), pieces, strict=True):
         model = {"type": "file", "format": "base64", "content": b64encode(piece).decode(), "chunk": n}
-        up = await lab.fetch("PUT", "/api/contents/work/data.csv", model)
+        up = await lab.fetch("PUT", "/api/contents/notes/data.csv", model)
         assert up.code in (200, 201), up.body
     assert json.loads(up.body)["size"] == len(data)
-    raw = await lab.fetch("GET", "/files/work/data.csv")
+    raw = await lab.fetch("GET", "/files/notes/data.csv")
     assert raw.code == 200 and raw.body == data
     assert raw.headers["Content-Type"].startswith("text/csv")
-    attached = await lab.fetch("GET", "/files/work/data.csv?download=1")
+    attached = await lab.fetch("GET", "/files/notes/data.csv?download=1")
     assert "attachment" in attached.headers["Content-Disposition"]
-    assert (await lab.fetch("GET", "/files/work/missing.csv")).code == 404
-    assert (await lab.fetch("GET", "/files/work")).code == 400
+    assert (await lab.fetch("GET", "/files/notes/missing.csv")).code == 404
+    assert (await lab.fetch("GET", "/files/notes")).code == 400
 
     # Rename, copy, new folder, delete.
-    await lab("PATCH", "/api/contents/work/data.csv", {"path": "work/measurements.csv"})
-    copied = await lab("POST", "/api/contents/work", {"copy_from": "work/measurements.csv"}, status=201)
-    assert copied["path"] == "work/measurements-Copy1.csv"
-    folder = await lab("POST", "/api/contents/work", {"type": "directory"}, status=201)
-    assert folder["path"] == "work/Untitled Folder"
-    await lab("DELETE", "/api/contents/work/measurements-Copy1.csv", status=204)
-    listing = await lab("GET", "/api/contents/work")
+    await lab("PATCH", "/api/contents/notes/data.csv", {"path": "notes/measurements.csv"})
+    copied = await lab("POST", "/api/contents/notes", {"copy_from": "notes/measurements.csv"}, status=201)
+    assert copied["path"] == "notes/measurements-Copy1.csv"
+    folder = await lab("POST", "/api/contents/notes", {"type": "directory"}, status=201)
+    assert folder["path"] == "notes/Untitled Folder"
+    await lab("DELETE", "/api/contents/notes/measurements-Copy1.csv", status=204)
+    listing = await lab("GET", "/api/contents/notes")
     assert sorted(m["name"] for m in listing["content"]) == [
         "Untitled Folder",
         "Untitled.ipynb",
@@ -128,8 +128,8 @@ async def _session(lab: Lab) -> None:
         "PUT", "/api/contents/loose.txt", {"type": "file", "format": "text", "content": ""}
     )
     assert refused.code == 403 and "vfolder" in json.loads(refused.body)["message"]
-    assert (await lab.fetch("GET", "/api/contents/work/.hidden")).code == 404
+    assert (await lab.fetch("GET", "/api/contents/notes/.hidden")).code == 404
     # A new folder at the top is a new vfolder.
     await lab("PUT", "/api/contents/results", {"type": "directory"}, status=201)
     top = await lab("GET", "/api/contents")
-    assert sorted(m["name"] for m in top["content"]) == ["results", "work"]
+    assert sorted(m["name"] for m in top["content"]) == ["notes", "results"]

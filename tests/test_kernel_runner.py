@@ -16,6 +16,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,12 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
 from backendai_jupyter.agent.app import Agent
-from backendai_jupyter.agent.backends.base import BackendError, KernelLaunch
-from backendai_jupyter.agent.backends.docker import ContainerPolicy, DockerBackend
+from backendai_jupyter.agent.backends.base import BackendError
+from backendai_jupyter.agent.backends.docker import DockerBackend, DockerSettings
 from backendai_jupyter.agent.backends.kernel_network import KernelFirewall, ensure_network
-from backendai_jupyter.agent.kernels import KernelRunner
-from backendai_jupyter.agent.ports import PortPool
+from backendai_jupyter.agent.kernels import KernelPolicy, KernelRunner
+from backendai_jupyter.agent.launch import Endpoint, LaunchSpec
+from backendai_jupyter.agent.launch import Mount as LaunchMount
 from backendai_jupyter.common.slots import ResourceSlot
 from backendai_jupyter.common.wire import CreateKernel, KernelReport
 
@@ -43,7 +45,7 @@ HOME = Agent.kernel_home.default_value
 TMP = "/tmp"
 
 
-def policy(**overrides: Any) -> ContainerPolicy:
+def policy(**overrides: Any) -> KernelPolicy:
     base: dict[str, Any] = dict(
         kernel_user="1000:1000",
         home=HOME,
@@ -52,11 +54,8 @@ def policy(**overrides: Any) -> ContainerPolicy:
         pids_limit=512,
         log_max_size="1m",
         log_max_files=2,
-        network=NETWORK,
-        bridge=BRIDGE,
-        egress=True,
     )
-    return ContainerPolicy(**{**base, **overrides})
+    return KernelPolicy(**{**base, **overrides})
 
 
 class Runner:
@@ -66,10 +65,9 @@ class Runner:
         self.agent_id = aid(name)
         self.reports: list[KernelReport] = []
         low, high = (int(p) for p in port_span(span).split("-"))
-        self.backend = DockerBackend(self.agent_id, "127.0.0.1", policy())
-        self.runner = KernelRunner(
-            self.backend, PortPool(low, high, "127.0.0.1"), tmp, "127.0.0.1", 60, self.reports.append, **kw
-        )
+        settings = DockerSettings(self.agent_id, "127.0.0.1", "127.0.0.1", (low, high), NETWORK, BRIDGE, True)
+        self.backend = DockerBackend(settings)
+        self.runner = KernelRunner(self.backend, policy(), tmp, 60, self.reports.append, **kw)
 
     async def start_kernel(self, image: str = IMAGE, env: dict[str, str] | None = None) -> CreateKernel:
         order = CreateKernel(
@@ -170,19 +168,19 @@ async def test_plotting_and_numpy_work_with_a_read_only_root(runner: Runner) -> 
 
 
 async def test_order_without_cpu_or_memory_limit_is_refused(runner: Runner) -> None:
-    for resources in ({"cpu": "0", "mem": "1g"}, {"cpu": "1"}, {}):
-        launch = KernelLaunch(
+    for cpu, mem in ((Decimal(0), 2**30), (Decimal(1), 0), (Decimal(0), 0)):
+        spec = LaunchSpec(
             session_id=f"nolimit{SLOT}",
             image=IMAGE,
-            argv=["sleep", "60"],
-            resources=ResourceSlot.parse(resources),
+            command=["sleep", "60"],
             env={},
-            owner="tester",
-            host_ports={},
+            user="1000:1000",
+            cpu=cpu,
+            mem=mem,
             connection_file="/dev/null",
         )
         with pytest.raises(BackendError, match="positive CPU and memory limit"):
-            await runner.backend.create(launch)
+            await runner.backend.create(spec, Endpoint("127.0.0.1", {}))
     assert runner.containers() == []
 
 
@@ -367,13 +365,11 @@ def _runner_for_mounts(tmp: Path, volume_paths: dict[str, str]) -> KernelRunner:
     # The mount checks need no backend: the runner only turns an order's mounts into binds.
     return KernelRunner(
         backend=None,  # type: ignore[arg-type]
-        ports=PortPool(1, 2, "127.0.0.1"),
+        policy=policy(),
         state_dir=tmp,
-        advertised_host="127.0.0.1",
         ready_timeout=1,
         report=lambda *a: None,
         volume_paths=volume_paths,
-        kernel_home=HOME,
     )
 
 
@@ -390,9 +386,9 @@ def test_the_agent_binds_only_vfolders_beneath_a_volume_into_the_kernels_home(tm
         )
 
     runner = _runner_for_mounts(tmp_path, {})
-    assert runner._mount_args(order(good)) == {
-        str(volume / "owner" / "vf"): {"bind": f"{HOME}/data", "mode": "ro"}
-    }
+    assert runner._mounts(order(good)) == [
+        LaunchMount(str(volume / "owner" / "vf"), f"{HOME}/data", read_only=True)
+    ]
     bad = [
         Mount("local", str(volume), "../etc", f"{HOME}/x", "rw"),
         Mount("local", str(volume), "/etc", f"{HOME}/x", "rw"),
@@ -404,11 +400,11 @@ def test_the_agent_binds_only_vfolders_beneath_a_volume_into_the_kernels_home(tm
     ]
     for m in bad:
         with pytest.raises(BackendError):
-            runner._mount_args(order(m))
+            runner._mounts(order(m))
     # An agent that maps its volumes mounts those only, from its own path for them.
     elsewhere = tmp_path / "mnt"
     (elsewhere / "owner" / "vf").mkdir(parents=True)
     mapped = _runner_for_mounts(tmp_path, {"local": str(elsewhere)})
-    assert list(mapped._mount_args(order(good))) == [str(elsewhere / "owner" / "vf")]
+    assert [m.source for m in mapped._mounts(order(good))] == [str(elsewhere / "owner" / "vf")]
     with pytest.raises(BackendError, match="does not have"):
-        mapped._mount_args(order(Mount("other", str(volume), "owner/vf", f"{HOME}/d", "rw", name="d")))
+        mapped._mounts(order(Mount("other", str(volume), "owner/vf", f"{HOME}/d", "rw", name="d")))

@@ -86,7 +86,9 @@ def test_a_restarted_agent_readopts_its_running_kernels(cluster: Cluster):
 def cluster_containers(cluster: Cluster) -> list:
     import docker
 
-    return docker.from_env().containers.list(all=True, filters={"label": f"{AGENT_LABEL}={cluster.agent_id}"})
+    return docker.from_env().containers.list(
+        all=True, filters={"label": f"{AGENT_LABEL}={cluster.agent_id}"}, ignore_removed=True
+    )
 
 
 def test_an_agent_that_stops_heartbeating_is_lost_with_its_kernels(cluster: Cluster):

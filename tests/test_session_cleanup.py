@@ -114,8 +114,16 @@ async def test_the_lost_agent_watch_outlives_a_failing_pass(tmp_path: Path):
 
         registry._on_lost = flaky
         a = await g.agent("host-a")
+
+        async def beating() -> None:  # alive until its kernel runs, however slow the host
+            while True:
+                await a.heartbeat()
+                await asyncio.sleep(0.1)
+
+        beat = asyncio.ensure_future(beating())
         sid = (await ann("POST", "/v1/sessions", {"image": IMAGE, "resources": SMALL}))["id"]
         await ann.wait_state(sid, {"RUNNING"})
+        beat.cancel()
         # host-a goes silent: the first pass fails, a later one marks it and its kernel LOST.
         model = await ann.wait_state(sid, {"LOST"}, timeout=10)
         assert "no heartbeat" in model["reason"] and not failures

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tornado import httpclient, websocket
-from traitlets import Bool, Dict, Float, Int, List, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default, observe, validate
 from traitlets.config import LoggingConfigurable
 
 from ..common.errors import ApiError
@@ -28,14 +28,17 @@ from ..common.wire import (
     JOIN_TOKEN_HEADER,
     AgentRegistration,
     CreateKernel,
+    DestroyKernel,
     Device,
     KernelReport,
+    RestartKernel,
+    SignalKernel,
+    order_from_call,
 )
 from .accelerators.base import AcceleratorPlugin, load_plugins
-from .backends.base import BackendError
-from .backends.docker import ContainerPolicy, DockerBackend
-from .kernels import KernelRunner
-from .ports import PortPool
+from .backends.base import BackendError, ContainerBackend, load_backend
+from .gateways import DEFAULT_GATEWAY_URL, check_gateway_urls, first_to_answer, others, split_gateway_urls
+from .kernels import KernelPolicy, KernelRunner
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ def _error_title(e: httpclient.HTTPClientError) -> str:
         return str(e)
 
 
+# The first pause after a round of gateways that all failed; it doubles up to AGENT_RECONNECT_MAX.
+FIRST_RETRY = 0.2
+
+
 def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -55,11 +62,32 @@ def _host_memory() -> int:
 class Agent(LoggingConfigurable):
     """Runs kernels in containers on this host, as ordered by the gateway."""
 
-    gateway_url = Unicode(help="URL of the gateway (env BACKENDAI_GATEWAY_URL).").tag(config=True)
+    gateway_urls = List(
+        Unicode(),
+        help="URLs of the gateway's replicas (http or https). The agent registers with the first that "
+        "answers, earlier ones preferred; when that link drops it tries the others at once "
+        f"(env BACKENDAI_GATEWAY_URL, comma-separated; default {DEFAULT_GATEWAY_URL}).",
+    ).tag(config=True)
 
-    @default("gateway_url")
-    def _gateway_url_default(self) -> str:
-        return os.environ.get("BACKENDAI_GATEWAY_URL", "http://127.0.0.1:8470")
+    @default("gateway_urls")
+    def _gateway_urls_default(self) -> list[str]:
+        # Defaults skip @validate: check the environment's list here.
+        return check_gateway_urls(
+            split_gateway_urls(os.environ.get("BACKENDAI_GATEWAY_URL", DEFAULT_GATEWAY_URL))
+        )
+
+    @validate("gateway_urls")
+    def _valid_gateway_urls(self, proposal: Any) -> list[str]:
+        return check_gateway_urls(proposal["value"])
+
+    gateway_url = Unicode(
+        help="URL of the gateway: the one-gateway form of gateway_urls, which setting it replaces "
+        "(several URLs, comma-separated, are taken too, as in BACKENDAI_GATEWAY_URL)."
+    ).tag(config=True)
+
+    @observe("gateway_url")
+    def _one_gateway(self, change: Any) -> None:
+        self.gateway_urls = split_gateway_urls(change["new"])
 
     ca_file = Unicode(
         help="PEM file of the CA that signed an https gateway's certificate (the ca.pem of "
@@ -96,18 +124,30 @@ class Agent(LoggingConfigurable):
     def _advertised_host_default(self) -> str:
         return os.environ.get("BACKENDAI_AGENT_HOST", "127.0.0.1")
 
-    bind_host = Unicode(
-        help="Host address kernel ports are published on; the advertised host when empty."
+    backend = Unicode(
+        help="Container backend that runs the kernels, by its name in the entry-point group "
+        "backendai_jupyter.backends: 'docker' (built in) runs them on this host's Docker engine "
+        "(env BACKENDAI_AGENT_BACKEND)."
     ).tag(config=True)
 
-    port_range = Unicode("30000-30999", help="Host ports for kernels, as LOW-HIGH.").tag(config=True)
+    @default("backend")
+    def _backend_default(self) -> str:
+        return os.environ.get("BACKENDAI_AGENT_BACKEND", "docker")
+
+    bind_host = Unicode(
+        help="Host address kernel ports are published on (docker backend); the advertised host when empty."
+    ).tag(config=True)
+
+    port_range = Unicode("30000-30999", help="Host ports for kernels, as LOW-HIGH (docker backend).").tag(
+        config=True
+    )
 
     @validate("port_range")
     def _valid_port_range(self, proposal: Any) -> str:
         low, _, high = proposal["value"].partition("-")
         if not (low.isdigit() and high.isdigit() and 1024 <= int(low) <= int(high) <= 65535):
             raise ValueError(f"port_range must be LOW-HIGH within 1024-65535, got {proposal['value']!r}")
-        return proposal["value"]
+        return str(proposal["value"])
 
     state_dir = Unicode(
         help="Where the agent keeps kernel connection files (env BACKENDAI_AGENT_STATE_DIR)."
@@ -136,7 +176,7 @@ class Agent(LoggingConfigurable):
             raise ValueError(
                 f"kernel_user must be a numeric uid:gid such as 1000:1000, got {proposal['value']!r}"
             )
-        return proposal["value"]
+        return str(proposal["value"])
 
     pids_limit = Int(1024, help="Most processes a kernel container may have.").tag(config=True)
 
@@ -254,11 +294,9 @@ class Agent(LoggingConfigurable):
     async def start(self) -> None:
         """Connect to the container engine, re-adopt kernels, then keep a link to the gateway."""
         # A CA file that cannot be read is a configuration error: say so before anything starts.
-        self._ssl: ssl.SSLContext | None = (
-            client_context(self.ca_file, self._ca_setting) if self.gateway_url.startswith("https:") else None
-        )
-        low, high = (int(p) for p in self.port_range.split("-"))
-        bind_host = self.bind_host or self.advertised_host
+        https = any(url.startswith("https:") for url in self.gateway_urls)
+        self._ssl: ssl.SSLContext | None = client_context(self.ca_file, self._ca_setting) if https else None
+        self.container_backend: ContainerBackend = load_backend(self.backend, self)
         Path(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 (startup)
         self._key = self._load_or_create_key()
         self.plugins = self._load_plugins()
@@ -268,7 +306,7 @@ class Agent(LoggingConfigurable):
             self.devices += found
             note = f"; {plugin.sharing_note}" if plugin.sharing_note else ""
             log.info("%s: %d device(s)%s", type(plugin).__name__, len(found), note)
-        policy = ContainerPolicy(
+        policy = KernelPolicy(
             kernel_user=self.kernel_user,
             home=self.kernel_home,
             home_size=self.kernel_home_size,
@@ -276,23 +314,17 @@ class Agent(LoggingConfigurable):
             pids_limit=self.pids_limit,
             log_max_size=self.kernel_log_max_size,
             log_max_files=self.kernel_log_max_files,
-            network=self.kernel_network,
-            bridge=self.kernel_bridge,
-            egress=self.kernel_egress,
         )
-        self.backend = DockerBackend(self.agent_id, bind_host, policy)
         self.runner = KernelRunner(
-            self.backend,
-            PortPool(low, high, bind_host),
+            self.container_backend,
+            policy,
             Path(self.state_dir),
-            self.advertised_host,
             self.ready_timeout,
             self._report,
             {p.key: p for p in self.plugins},
             self.devices,
             allow_unencrypted=self.allow_unencrypted_kernels,
             volume_paths=dict(self.volume_paths),
-            kernel_home=self.kernel_home,
         )
         await self.runner.start()
         self._ws: websocket.WebSocketClientConnection | None = None
@@ -319,7 +351,7 @@ class Agent(LoggingConfigurable):
             await self.runner.destroy_all()
         if self._ws is not None:
             self._ws.close()
-        self.backend.close()
+        self.container_backend.close()
 
     def _report(self, report: KernelReport) -> None:
         # While the link is down reports are dropped: registration resends every kernel's state.
@@ -335,43 +367,68 @@ class Agent(LoggingConfigurable):
     _ca_setting = f"--Agent.ca_file (or {ENV_CA_FILE})"
 
     async def _keep_linked(self) -> None:
-        delay = 0.2
-        url = self.gateway_url.replace("http", "ws", 1).rstrip("/") + AGENT_WS_PATH
-        headers = {AGENT_ID_HEADER: self.agent_id, AGENT_KEY_HEADER: self._key}
-        if self.agent_token:
-            headers[JOIN_TOKEN_HEADER] = self.agent_token
+        urls = list(self.gateway_urls)
+        tries, delay = urls, FIRST_RETRY
         # Whatever goes wrong on one connection, the agent keeps trying: a loop that ends leaves
         # its kernels running with nobody to order them about.
         while True:
+            url = ""
             try:
-                req = httpclient.HTTPRequest(url, headers=headers, connect_timeout=10, ssl_options=self._ssl)
-                self._ws = await websocket.websocket_connect(req, ping_interval=20)
-                self._ws.stream.set_nodelay(True)
-                delay = 0.2
-                await self._serve(self._ws)
+                found = await first_to_answer(tries, self._connect, websocket.WebSocketClientConnection.close)
+                if found is not None:
+                    url, self._ws = found
+                    await self._serve(self._ws, url)
             except asyncio.CancelledError:
                 raise
-            except httpclient.HTTPClientError as e:
-                reason = _error_title(e)
-                if e.code in (401, 409):
-                    log.error("the gateway refused this agent: %s", reason)
-                else:
-                    log.warning("gateway at %s: %s", self.gateway_url, reason)
-            except ssl.SSLCertVerificationError as e:
-                # Retry all the same: the gateway may be mid-way through a certificate change.
-                log.error("%s", untrusted(self.gateway_url, self.ca_file, self._ca_setting, e).title)
-            except OSError as e:
-                log.warning("cannot reach the gateway at %s (%s); retrying", self.gateway_url, e)
             except Exception:
-                log.exception("the link to the gateway failed; reconnecting")
+                log.exception("the link to the gateway at %s failed; reconnecting", url)
+            lost = self._registered.is_set()
             self._registered.clear()
             if self._ws is not None:
                 self._ws.close()
             self._ws = None
+            if lost:
+                # Any other gateway can take this agent: try them at once, before any pause.
+                tries, delay = others(urls, url), FIRST_RETRY
+                if tries:
+                    continue
             await asyncio.sleep(delay)
-            delay = min(delay * 2, AGENT_RECONNECT_MAX)
+            tries, delay = urls, min(delay * 2, AGENT_RECONNECT_MAX)
 
-    async def _serve(self, ws: websocket.WebSocketClientConnection) -> None:
+    async def _connect(self, url: str) -> websocket.WebSocketClientConnection:
+        """A websocket to the gateway at ``url``; a failure is logged here, then raised."""
+        headers = {AGENT_ID_HEADER: self.agent_id, AGENT_KEY_HEADER: self._key}
+        if self.agent_token:
+            headers[JOIN_TOKEN_HEADER] = self.agent_token
+        req = httpclient.HTTPRequest(
+            url.replace("http", "ws", 1) + AGENT_WS_PATH,
+            headers=headers,
+            connect_timeout=10,
+            ssl_options=self._ssl if url.startswith("https:") else None,
+        )
+        try:
+            ws = await websocket.websocket_connect(req, ping_interval=20)
+        except httpclient.HTTPClientError as e:
+            reason = _error_title(e)
+            if e.code in (401, 409):
+                log.error("the gateway at %s refused this agent: %s", url, reason)
+            else:
+                log.warning("gateway at %s: %s", url, reason)
+            raise
+        except ssl.SSLCertVerificationError as e:
+            # Retried all the same: the gateway may be mid-way through a certificate change.
+            log.error("%s", untrusted(url, self.ca_file, self._ca_setting, e).title)
+            raise
+        except OSError as e:
+            log.warning("cannot reach the gateway at %s (%s); retrying", url, e)
+            raise
+        except Exception:
+            log.exception("connecting to the gateway at %s failed; retrying", url)
+            raise
+        ws.stream.set_nodelay(True)
+        return ws
+
+    async def _serve(self, ws: websocket.WebSocketClientConnection, url: str) -> None:
         reg = AgentRegistration(
             agent_id=self.agent_id,
             address=self.advertised_host,
@@ -386,14 +443,14 @@ class Agent(LoggingConfigurable):
             while True:
                 raw = await ws.read_message()
                 if raw is None:
-                    log.warning("lost the link to the gateway; reconnecting")
+                    log.warning("lost the link to the gateway at %s; reconnecting", url)
                     return
                 msg = json.loads(raw)
                 if msg.get("type") == "registered":
                     self._registered.set()
                     interval = float(msg.get("heartbeat_interval", 5.0))
                     heartbeat = asyncio.ensure_future(self._heartbeat(ws, interval))
-                    log.info("registered with the gateway at %s as %s", self.gateway_url, self.agent_id)
+                    log.info("registered with the gateway at %s as %s", url, self.agent_id)
                 elif msg.get("type") == "call":
                     asyncio.ensure_future(self._answer(ws, msg))
         finally:
@@ -415,16 +472,18 @@ class Agent(LoggingConfigurable):
         method, params = msg.get("method"), msg.get("params") or {}
         reply: dict[str, Any] = {"type": "reply", "id": msg.get("id")}
         try:
-            if method == "create_kernel":
-                reply["result"] = await self.runner.create(CreateKernel.from_json(params))
-            elif method == "destroy_kernel":
-                reply["result"] = await self.runner.destroy(params["session_id"])
-            elif method == "signal_kernel":
-                reply["result"] = await self.runner.signal(params["session_id"], params["signal"])
-            elif method == "restart_kernel":
-                reply["result"] = await self.runner.restart(CreateKernel.from_json(params))
-            else:
-                raise ApiError(f"unknown method {method!r}")
+            # An unknown order is refused by name (UnknownOrder is an ApiError); one whose
+            # parameters do not parse is an internal error.
+            order = order_from_call(method, params)
+            match order:
+                case RestartKernel():  # before CreateKernel, which it extends
+                    reply["result"] = await self.runner.restart(order)
+                case CreateKernel():
+                    reply["result"] = await self.runner.create(order)
+                case DestroyKernel():
+                    reply["result"] = await self.runner.destroy(order.session_id)
+                case SignalKernel():
+                    reply["result"] = await self.runner.signal(order.session_id, order.signal)
         except BackendError as e:
             reply["error"] = {"type": "agent-error", "title": str(e), "status": 502}
         except ApiError as e:

@@ -1,4 +1,9 @@
-"""A kernel's life on an agent: ports, connection file, container, readiness, and its end."""
+"""A kernel's life on an agent: endpoint, connection file, container, readiness, and its end.
+
+The runner decides everything about a kernel that does not depend on the container runtime (its
+command, environment, mounts, devices, confinement) and hands it to the backend as a
+:class:`~backendai_jupyter.agent.launch.LaunchSpec`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -20,16 +25,21 @@ import zmq
 
 from ..common.kernelenv import is_denied
 from ..common.states import SessionState
-from ..common.wire import KERNEL_HOME, CreateKernel, Device, ImageInfo, KernelReport
-from .accelerators.base import AcceleratorPlugin, ContainerArgs
-from .backends.base import (
+from ..common.wire import CreateKernel, Device, ImageInfo, KernelReport
+from .accelerators.base import AcceleratorPlugin
+from .backends.base import BackendError, ContainerBackend
+from .launch import (
     CONNECTION_FILE_IN_CONTAINER,
     CONTAINER_PORTS,
-    BackendError,
-    ContainerBackend,
-    KernelLaunch,
+    LABEL_OWNER,
+    LABEL_RESOURCES,
+    Confinement,
+    DeviceGrant,
+    Endpoint,
+    LaunchSpec,
+    Mount,
+    Tmpfs,
 )
-from .ports import PortPool, PortsExhausted
 from .probe import KernelNotReady, wait_until_ready
 
 log = logging.getLogger(__name__)
@@ -37,11 +47,45 @@ Report = Callable[[KernelReport], None]
 
 
 @dataclass
+class KernelPolicy:
+    """How every kernel of this agent is confined, beyond what each order asks for (Agent options)."""
+
+    kernel_user: str  # numeric uid:gid
+    home: str  # the image user's home: a private tmpfs, the only writable place besides /tmp
+    home_size: str
+    tmp_size: str
+    pids_limit: int
+    log_max_size: str
+    log_max_files: int
+
+    def confinement(self) -> Confinement:
+        """Read-only image, home and /tmp as size-limited tmpfs, no privileges, limited processes."""
+        uid, _, gid = self.kernel_user.partition(":")
+        if not (uid.isdigit() and (gid or uid).isdigit()):
+            raise BackendError(
+                f"kernel_user must be a numeric uid:gid (got {self.kernel_user!r}): the kernel's "
+                "home is a tmpfs that must belong to that uid"
+            )
+        # The image is shared by every kernel started from it: nothing a user runs may change it.
+        # What a kernel writes goes to its home and /tmp. /tmp is `exec`, since kernels of compiled
+        # languages build their programs there and run them.
+        home = Tmpfs(self.home, self.home_size, mode=0o700, uid=int(uid), gid=int(gid or uid))
+        tmp = Tmpfs("/tmp", self.tmp_size, mode=0o1777, exec=True)
+        return Confinement(
+            read_only_root=True,
+            tmpfs=(home, tmp),
+            pids_limit=self.pids_limit,
+            log_max_size=self.log_max_size,
+            log_max_files=self.log_max_files,
+        )
+
+
+@dataclass
 class Kernel:
     """One kernel this agent runs."""
 
     order: CreateKernel
-    host_ports: dict[str, int] = field(default_factory=dict)
+    endpoint: Endpoint | None = None  # held from the backend until the kernel is gone
     key: str = ""
     # CurveZMQ keypair the kernel's sockets serve with (Z85); empty for an unencrypted kernel.
     curve_public: str = ""
@@ -60,9 +104,8 @@ class KernelRunner:
     def __init__(
         self,
         backend: ContainerBackend,
-        ports: PortPool,
+        policy: KernelPolicy,
         state_dir: Path,
-        advertised_host: str,
         ready_timeout: float,
         report: Report,
         plugins: dict[str, AcceleratorPlugin] | None = None,
@@ -70,17 +113,15 @@ class KernelRunner:
         *,
         allow_unencrypted: bool = False,
         volume_paths: dict[str, str] | None = None,
-        kernel_home: str = KERNEL_HOME,
     ) -> None:
         self.allow_unencrypted = allow_unencrypted
         self.volume_paths = dict(volume_paths or {})
-        self.kernel_home = kernel_home
+        self.policy = policy
+        self.confinement = policy.confinement()
         self.plugins = plugins or {}
         self.devices = devices or []
         self.backend = backend
-        self.ports = ports
         self.state_dir = state_dir
-        self.advertised_host = advertised_host
         self.ready_timeout = ready_timeout
         self.report = report
         self.kernels: dict[str, Kernel] = {}
@@ -113,26 +154,26 @@ class KernelRunner:
         return self.state_dir / "kernels" / sid
 
     async def _recover(self) -> None:
-        for found in await self.backend.recover():
+        for found in await self.backend.list_kernels():
             conn_file = self._kernel_dir(found.session_id) / "client.json"
             if found.running and conn_file.exists():
                 connection = json.loads(conn_file.read_text())
                 order = json.loads((self._kernel_dir(found.session_id) / "order.json").read_text())
                 k = Kernel(
                     order=CreateKernel.from_json(order),
-                    host_ports=found.host_ports,
+                    endpoint=found.endpoint,
                     key=connection["key"],
                     curve_public=connection.get("curve_publickey", ""),
                     curve_secret=connection.get("curve_secretkey", ""),
-                    container_id=found.container_id,
+                    container_id=found.id,
                     state=SessionState.RUNNING,
                     connection=connection,
                 )
-                self.ports.claim(list(found.host_ports.values()))
+                await self.backend.adopt(found)
                 self.kernels[found.session_id] = k
-                log.info("re-adopted kernel %s (container %s)", found.session_id, found.container_id[:12])
+                log.info("re-adopted kernel %s (container %s)", found.session_id, found.id[:12])
             else:
-                await self.backend.destroy(found.container_id)
+                await self.backend.destroy(found.id)
                 shutil.rmtree(self._kernel_dir(found.session_id), ignore_errors=True)
 
     def snapshot(self) -> list[KernelReport]:
@@ -169,47 +210,25 @@ class KernelRunner:
         sid = k.order.session_id
         try:
             self._set(k, SessionState.PREPARING, "allocating ports and writing the connection file")
-            if not k.host_ports:
-                k.host_ports, k.key = self._ports_and_key(k.order.reuse)
+            if k.endpoint is None:
+                k.key = _key(k.order.reuse)
+                k.endpoint = await self.backend.allocate(sid, _wanted_ports(k.order.reuse))
             if not k.curve_public and self._encrypts(k.order.image):
                 k.curve_public, k.curve_secret = _curve_keys(k.order.reuse)
             self._write_files(k)
             self._set(k, SessionState.CREATING, "starting the container")
-            argv = [
-                a.replace("{connection_file}", CONNECTION_FILE_IN_CONTAINER)
-                for a in self.images[k.order.image].kernel.get("argv", [])
-            ]
-            if not argv:
-                raise BackendError(f"image {k.order.image} declares no kernel command")
-            env = self._user_env(k.order)
-            env["BACKENDAI_SESSION_ID"] = sid
-            extra = self._device_args(k.order)
-            env.update(extra.env)
-            # Where NVIDIA is Docker's default runtime, and in CUDA images (NVIDIA_VISIBLE_DEVICES=all
-            # baked in), a container without a GPU allocation would otherwise see every GPU.
-            env.setdefault("NVIDIA_VISIBLE_DEVICES", "void")
-            launch = KernelLaunch(
-                session_id=sid,
-                image=k.order.image,
-                argv=argv,
-                resources=k.order.resources,
-                env=env,
-                owner=k.order.owner,
-                host_ports=k.host_ports,
-                connection_file=str(self._kernel_dir(sid) / "kernel.json"),
-                device_requests=extra.device_requests,
-                volumes={**extra.volumes, **self._mount_args(k.order)},
-                working_dir=k.order.working_dir,
-            )
-            k.container_id = await self.backend.create(launch)
+            container = await self.backend.create(self._spec(k), k.endpoint)
+            k.container_id, k.endpoint = container.id, container.endpoint
             connection = self._client_connection(k)
+            # Written once the backend has said where the kernel is: a restarted agent re-adopts it.
+            _write(self._kernel_dir(sid) / "client.json", connection, 0o600)
             took = await wait_until_ready(connection, self.ready_timeout)
             k.connection = connection
             reason = "restarted" if restarted else f"kernel ready after {took * 1000:.0f} ms of boot"
             self._set(k, SessionState.RUNNING, reason, connection=connection)
         except asyncio.CancelledError:
             raise
-        except (BackendError, PortsExhausted, KernelNotReady, OSError) as e:
+        except (BackendError, KernelNotReady, OSError) as e:
             detail = str(e)
             if k.container_id:
                 tail = await self.backend.logs_tail(k.container_id)
@@ -217,6 +236,64 @@ class KernelRunner:
                     detail += f"; the kernel printed: {tail[-1500:]}"
             await self._remove(k)
             self._set(k, SessionState.ERROR, detail)
+
+    def _spec(self, k: Kernel) -> LaunchSpec:
+        """What the backend starts for kernel ``k``."""
+        order, sid = k.order, k.order.session_id
+        argv = [
+            a.replace("{connection_file}", CONNECTION_FILE_IN_CONTAINER)
+            for a in self.images[order.image].kernel.get("argv", [])
+        ]
+        if not argv:
+            raise BackendError(f"image {order.image} declares no kernel command")
+        env = self._user_env(order)
+        env["BACKENDAI_SESSION_ID"] = sid
+        # Where NVIDIA is the runtime's default, and in CUDA images (NVIDIA_VISIBLE_DEVICES=all baked
+        # in), a container without a GPU allocation would otherwise see every GPU. A grant's own
+        # environment comes on top of this (LaunchSpec.environment).
+        env["NVIDIA_VISIBLE_DEVICES"] = "void"
+        env.update(self._home_env())
+        return LaunchSpec(
+            session_id=sid,
+            image=order.image,
+            command=self._command(argv),
+            env=env,
+            user=self.policy.kernel_user,
+            cpu=order.resources.get("cpu", Decimal(0)),
+            mem=int(order.resources.get("mem", Decimal(0))),
+            connection_file=str(self._kernel_dir(sid) / "kernel.json"),
+            ports=dict(CONTAINER_PORTS),
+            mounts=self._mounts(order),
+            devices=self._device_grants(order),
+            working_dir=order.working_dir,
+            labels={LABEL_OWNER: order.owner, LABEL_RESOURCES: json.dumps(order.resources.to_json())},
+            confinement=self.confinement,
+        )
+
+    def _command(self, argv: list[str]) -> list[str]:
+        """The kernel's argv, run on a private, writable copy of its connection file.
+
+        ipykernel (7.4) rewrites its connection file at start whenever it serves CurveZMQ (it
+        compares its keys as bytes with the file's strings), and the mounted file is read-only
+        (the kernel must not write to the agent's disk). So a shell copies it into the home
+        tmpfs (mode 0600, as jupyter_core's secure_write insists) and then becomes the kernel.
+        """
+        private = f"{self.policy.home}/.backendai-connection.json"
+        argv = [a.replace(CONNECTION_FILE_IN_CONTAINER, private) for a in argv]
+        script = 'umask 077 && cat "$0" > "$1" && shift && exec "$@"'
+        return ["/bin/sh", "-c", script, CONNECTION_FILE_IN_CONTAINER, private, *argv]
+
+    def _home_env(self) -> dict[str, str]:
+        """Point every per-user config and cache (IPython, matplotlib, XDG) into the writable home."""
+        home = self.policy.home
+        return {
+            "HOME": home,
+            "IPYTHONDIR": f"{home}/.ipython",
+            "MPLCONFIGDIR": f"{home}/.config/matplotlib",
+            "XDG_CONFIG_HOME": f"{home}/.config",
+            "XDG_CACHE_HOME": f"{home}/.cache",
+            "XDG_DATA_HOME": f"{home}/.local/share",
+        }
 
     def _user_env(self, order: CreateKernel) -> dict[str, str]:
         """The order's environment without what only the agent may set (the gateway refuses it too)."""
@@ -239,40 +316,27 @@ class KernelRunner:
             )
         return False
 
-    def _ports_and_key(self, reuse: dict[str, Any] | None) -> tuple[dict[str, int], str]:
-        """The ports and key asked for (a restart's, a launcher's key) where possible, else new ones."""
-        key = str(reuse["key"]) if reuse and reuse.get("key") else uuid.uuid4().hex
-        if reuse and all(reuse.get(f"{ch}_port") for ch in CONTAINER_PORTS):
-            wanted = {ch: int(reuse[f"{ch}_port"]) for ch in CONTAINER_PORTS}
-            if self.ports.take_exactly(list(wanted.values())):
-                return wanted, key
-        ports = self.ports.take(len(CONTAINER_PORTS))
-        return dict(zip(CONTAINER_PORTS, ports, strict=True)), key
-
-    def _device_args(self, order: CreateKernel) -> ContainerArgs:
+    def _device_grants(self, order: CreateKernel) -> list[DeviceGrant]:
         """What the container needs to see exactly the devices the gateway allocated."""
-        merged = ContainerArgs()
+        grants = []
         for key, allocation in order.devices.items():
             plugin = self.plugins.get(key)
             if plugin is None:
                 raise BackendError(f"this agent has no {key} plugin for the allocated devices")
             try:
-                args = plugin.container_args({d: Decimal(a) for d, a in allocation.items()}, self.devices)
+                grants.append(plugin.grant({d: Decimal(a) for d, a in allocation.items()}, self.devices))
             except ValueError as e:
                 raise BackendError(f"bad device allocation: {e}") from None
-            merged.env.update(args.env)
-            merged.device_requests += args.device_requests
-            merged.volumes.update(args.volumes)
-        return merged
+        return grants
 
-    def _mount_args(self, order: CreateKernel) -> dict[str, dict[str, str]]:
+    def _mounts(self, order: CreateKernel) -> list[Mount]:
         """The order's vfolders as bind mounts: host directory → target in the kernel's home.
 
         The gateway names a volume and the vfolder's place in it; this agent finds the volume at
         its own path for it (``Agent.volume_paths``) or, when it maps none, where the gateway has
         it. Nothing outside a volume is ever bound, nor anywhere but under the kernel's home.
         """
-        binds: dict[str, dict[str, str]] = {}
+        binds: list[Mount] = []
         for m in order.mounts:
             root = self.volume_paths.get(m.volume)
             if root is None:
@@ -289,8 +353,8 @@ class KernelRunner:
                 or m.subpath.startswith("/")
                 or any(p in ("..", ".") for p in parts)
                 or m.mode not in ("ro", "rw")
-                or not target.is_relative_to(self.kernel_home)
-                or target == PurePosixPath(self.kernel_home)
+                or not target.is_relative_to(self.policy.home)
+                or target == PurePosixPath(self.policy.home)
                 or ".." in target.parts
             ):
                 raise BackendError(f"refusing a malformed mount of vfolder {m.name!r}: {m.to_json()}")
@@ -300,7 +364,7 @@ class KernelRunner:
                     f"vfolder {m.name!r} is not at {host} on this agent: is volume {m.volume!r} "
                     "mounted here at the same path as on the gateway (or mapped in Agent.volume_paths)?"
                 )
-            binds[str(host)] = {"bind": str(target), "mode": m.mode}
+            binds.append(Mount(str(host), str(target), read_only=m.mode == "ro"))
         return binds
 
     def _client_connection(self, k: Kernel) -> dict[str, Any]:
@@ -313,12 +377,13 @@ class KernelRunner:
         the session's owner. What curve buys is that nobody without them (another kernel, a host
         user, anyone on the path) can subscribe to the kernel's IOPub or read its traffic.
         """
+        assert k.endpoint is not None
         conn: dict[str, Any] = {
-            "ip": self.advertised_host,
+            "ip": k.endpoint.host,
             "transport": "tcp",
             "signature_scheme": "hmac-sha256",
             "key": k.key,
-            **{f"{ch}_port": port for ch, port in k.host_ports.items()},
+            **{f"{ch}_port": port for ch, port in k.endpoint.ports.items()},
             "encryption": "curve" if k.curve_public else "none",
         }
         if k.curve_public:
@@ -346,7 +411,6 @@ class KernelRunner:
         # The kernel runs as an unprivileged user: the file must be readable inside; the
         # directory above it (0700) keeps other host users out.
         _write(d / "kernel.json", kernel_view, 0o644)
-        _write(d / "client.json", self._client_connection(k), 0o600)
         _write(d / "order.json", {**k.order.to_json(), "env": {}}, 0o600)
 
     async def destroy(self, sid: str) -> dict[str, Any]:
@@ -361,12 +425,14 @@ class KernelRunner:
         self._set(k, SessionState.TERMINATED, "shut down")
         return {"removed": True}
 
-    async def _remove(self, k: Kernel, *, keep_ports: bool = False) -> None:
+    async def _remove(self, k: Kernel, *, keep_endpoint: bool = False) -> None:
         k.ending = True
         if k.container_id:
             await self.backend.destroy(k.container_id)
-        if not keep_ports:
-            self.ports.give_back(list(k.host_ports.values()))
+        if not keep_endpoint:
+            endpoint, k.endpoint = k.endpoint, None
+            if endpoint is not None:
+                await self.backend.release(endpoint)
             shutil.rmtree(self._kernel_dir(k.order.session_id), ignore_errors=True)
 
     async def signal(self, sid: str, signame: str) -> dict[str, Any]:
@@ -382,7 +448,7 @@ class KernelRunner:
         if k is None:
             raise BackendError(f"no kernel {order.session_id} on this agent")
         await _stop_launch(k)
-        await self._remove(k, keep_ports=True)
+        await self._remove(k, keep_endpoint=True)
         # An order to end the kernel may have landed during those awaits: it removed the old
         # container and freed the ports, and starting a new one now would leave it orphaned.
         if k.destroyed:
@@ -416,13 +482,13 @@ class KernelRunner:
     async def _resync(self) -> None:
         """After missed events: every kernel whose container no longer runs has ended."""
         try:
-            running = {r.container_id for r in await self.backend.recover() if r.running}
+            running = {c.id for c in await self.backend.list_kernels() if c.running}
         except Exception as e:  # the engine went away again: the next reconnect checks again
             log.warning("could not list kernel containers after reconnecting to the engine: %s", e)
             return
         for sid, k in list(self.kernels.items()):
             if k.state == SessionState.RUNNING and k.container_id and k.container_id not in running:
-                log.info("kernel %s ended while Docker events were not followed", sid)
+                log.info("kernel %s ended while the runtime's events were not followed", sid)
                 await self._exited(sid, -1, k.container_id)
 
     def _exit_from_thread(self, sid: str, exit_code: int, container_id: str) -> None:
@@ -457,6 +523,18 @@ class KernelRunner:
         if state.is_terminal:
             self.kernels.pop(k.order.session_id, None)
         self.report(KernelReport(k.order.session_id, state, reason, **extra))
+
+
+def _key(reuse: dict[str, Any] | None) -> str:
+    """A restart's or a launcher's HMAC key (clients keep theirs), else a new one."""
+    return str(reuse["key"]) if reuse and reuse.get("key") else uuid.uuid4().hex
+
+
+def _wanted_ports(reuse: dict[str, Any] | None) -> dict[str, int] | None:
+    """The ports a client already holds, when it holds all of them."""
+    if reuse and all(reuse.get(f"{ch}_port") for ch in CONTAINER_PORTS):
+        return {ch: int(reuse[f"{ch}_port"]) for ch in CONTAINER_PORTS}
+    return None
 
 
 def _curve_keys(reuse: dict[str, Any] | None) -> tuple[str, str]:

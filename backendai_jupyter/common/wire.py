@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
+from .errors import ApiError
 from .slots import ResourceSlot
 from .states import SessionState
 
@@ -165,6 +166,8 @@ class Mount:
 class CreateKernel:
     """The gateway's order to start a kernel for a scheduled session."""
 
+    METHOD: ClassVar[str] = "create_kernel"
+
     session_id: str
     image: str
     resources: ResourceSlot
@@ -203,3 +206,62 @@ class CreateKernel:
             mounts=[Mount.from_json(m) for m in d.get("mounts") or []],
             working_dir=d.get("working_dir") or "",
         )
+
+
+@dataclass
+class RestartKernel(CreateKernel):
+    """Start the session's kernel again in a new container, on the same ports and key."""
+
+    METHOD: ClassVar[str] = "restart_kernel"
+
+
+@dataclass
+class DestroyKernel:
+    """Remove the session's container (and free its ports); the kernel is then TERMINATED."""
+
+    METHOD: ClassVar[str] = "destroy_kernel"
+    session_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DestroyKernel:
+        return cls(session_id=d["session_id"])
+
+
+@dataclass
+class SignalKernel:
+    """Deliver a signal (by name: SIGINT interrupts) to the kernel's process."""
+
+    METHOD: ClassVar[str] = "signal_kernel"
+    session_id: str
+    signal: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "signal": self.signal}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SignalKernel:
+        return cls(session_id=d["session_id"], signal=d["signal"])
+
+
+# What the gateway can ask an agent to do, each sent as {"type": "call", "method": METHOD,
+# "params": to_json()} and answered by a reply with "result" or "error".
+Order = CreateKernel | RestartKernel | DestroyKernel | SignalKernel
+ORDERS: dict[str, type[CreateKernel] | type[DestroyKernel] | type[SignalKernel]] = {
+    cls.METHOD: cls for cls in (CreateKernel, RestartKernel, DestroyKernel, SignalKernel)
+}
+
+
+class UnknownOrder(ApiError):
+    """A call whose method names no order (an agent and a gateway of different versions)."""
+
+
+def order_from_call(method: object, params: dict[str, Any]) -> Order:
+    """The typed order of an agent call; :class:`UnknownOrder` for a method no order has, and
+    ``KeyError``/``ValueError`` for parameters that do not make one."""
+    cls = ORDERS.get(method) if isinstance(method, str) else None
+    if cls is None:
+        raise UnknownOrder(f"unknown order {method!r}")
+    return cls.from_json(params)

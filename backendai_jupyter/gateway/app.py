@@ -25,6 +25,7 @@ from ..common.wire import AGENT_WS_PATH
 from . import db as dbmod
 from .agent_auth import AgentAuthenticator
 from .auth import Authenticator
+from .bus import Bus
 from .events import EventHub
 from .handlers.admin import (
     PoliciesHandler,
@@ -45,7 +46,7 @@ from .handlers.sessions import (
     SignalHandler,
 )
 from .jupyter_api import jupyter_handlers_and_settings
-from .replay import NonceCache
+from .replay import NonceCache, NonceTable, ReplayCache
 from .requests import ResourceRules, parse_bytes
 from .sessions import SessionService
 from .vfolders.handlers import vfolder_routes
@@ -187,7 +188,8 @@ class Gateway(LoggingConfigurable):
     replay_cache_size = Int(
         500_000,
         help="Most signed requests remembered (for 5 minutes each) to refuse replays; beyond it "
-        "signed requests get 503 until older ones expire.",
+        "signed requests get 503 until older ones expire. With replicas on PostgreSQL: the rows "
+        "of the table they share, counted by each replica every 30 s.",
     ).tag(config=True)
 
     data_dir = Unicode(help="Directory for the database and secrets (env BACKENDAI_DATA_DIR).").tag(
@@ -339,8 +341,8 @@ class Gateway(LoggingConfigurable):
                 )
         try:
             rules.apply(ResourceSlot())
-        except ApiError as e:
-            raise ValueError(f"Gateway.default_resources: {e.title}") from None
+        except SlotError as e:
+            raise ValueError(f"Gateway.default_resources: {e}") from None
         return rules
 
     @property
@@ -435,18 +437,20 @@ class Gateway(LoggingConfigurable):
             stream_grace=self.client_stream_grace,
             max_pending=self.max_pending_per_user,
             destroy_retry=self.destroy_retry_interval,
+            bus=Bus(self.engine),
         )
         await self.sessions.start()
         self.vfolders = self._vfolder_service(sessionmaker)
         await self.vfolders.start()
+        self.nonces: ReplayCache = (
+            NonceTable(sessionmaker, self.replay_cache_size)
+            if self.engine.dialect.name == "postgresql"  # replicas may share the database
+            else NonceCache(self.replay_cache_size)
+        )
+        await self.nonces.start()
         self.sessions.kernel_ended_with_mounts = self.vfolders.measure_mounted
         jupyter_handlers, jupyter_settings = jupyter_handlers_and_settings(
-            self.data_dir,
-            self.url,
-            self.sessions,
-            set(self.kernel_env_allowlist),
-            self.log,
-            self.own_ca_file(),
+            self.data_dir, self.sessions, self.vfolders, rules, set(self.kernel_env_allowlist), self.log
         )
         self.app = GatewayApplication(
             [
@@ -489,7 +493,7 @@ class Gateway(LoggingConfigurable):
                 ),
                 "resource_rules": rules,
                 "max_request_body": self.max_request_body,
-                "nonces": NonceCache(self.replay_cache_size),
+                "nonces": self.nonces,
                 "heartbeat_interval": self.heartbeat_interval,
                 "websocket_ping_interval": 20,
             },
@@ -533,6 +537,7 @@ class Gateway(LoggingConfigurable):
 
     async def stop(self) -> None:
         self.server.stop()
+        await self.nonces.stop()
         await self.vfolders.stop()
         await self.sessions.stop()
         await self.engine.dispose()

@@ -32,7 +32,10 @@ async def migrate(url: str) -> None:
 
 def make_engine(url: str) -> AsyncEngine:
     """An engine for ``url``; SQLite gets WAL and foreign keys on."""
-    engine = create_async_engine(url)
+    sqlite = url.startswith("sqlite")
+    # A writer waits for another's transaction up to this long (pysqlite's default, 5 s, is short
+    # for a busy gateway on a loaded host: its write would fail instead).
+    engine = create_async_engine(url, connect_args={"timeout": 30} if sqlite else {})
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine.sync_engine, "connect")

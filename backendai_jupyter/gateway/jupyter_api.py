@@ -8,8 +8,8 @@ handlers and managers, not a second relay; only three things are ours:
   ``KERNEL_USERNAME`` from the request body;
 - what they may see: each kernel has an owner, and a user lists, connects to, interrupts,
   restarts and deletes only their own (an admin sees all); others' kernels are 404;
-- where kernels run: through our provisioner, i.e. the same ``/v1`` sessions, scheduler and
-  agents as every other path, with the owner's keypair.
+- where kernels run: through our provisioner, i.e. the same sessions, scheduler and agents as
+  every other path, its requests answered by the session service in process, as the owner.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ..common.imagespecs import SPEC_PREFIX, image_kernel, kernelspec_json, one_
 from .models import Keypair, User
 from .requests import SessionRequest, validate_env
 from .scheduler import normalize_image
+from .service_client import ServiceClient
 from .vfolders.service import resolve_mounts
 
 # The user of the request being served (set once the token is checked).
@@ -80,22 +81,18 @@ def caller() -> User:
 
 
 class BackendAIKernelManager(ServerKernelManager):
-    """One kernel, provisioned through our provisioner with its owner's keypair."""
+    """One kernel, provisioned through our provisioner as its owner (see :mod:`.service_client`)."""
 
     async def _async_pre_start_kernel(self, **kw: Any) -> Any:
-        owner = kw.pop("owner_config", None)
-        if self.provisioner is None and owner:
+        client = kw.pop("owner_client", None)
+        if self.provisioner is None and client is not None:
             from jupyter_client.provisioning import KernelProvisionerFactory
 
             self.kernel_id = self.kernel_id or kw.pop("kernel_id", None) or str(uuid.uuid4())
             self.provisioner = KernelProvisionerFactory.instance(
                 parent=self.parent
             ).create_provisioner_instance(self.kernel_id, self.kernel_spec, parent=self)
-            cfg = json.loads(owner)
-            self.provisioner.gateway_url = cfg["url"]
-            self.provisioner.access_key = cfg["access_key"]
-            self.provisioner.secret_key = cfg["secret_key"]
-            self.provisioner.ca_file = cfg.get("ca_file", "")
+            self.provisioner._client = client  # the session service, in process, as the owner
             # Only this process can reach the kernel (jupyter_server's kernel manager lives here): when
             # it is gone for good, so is the kernel, also after a gateway restart.
             self.provisioner.bind_to_stream = True
@@ -117,32 +114,30 @@ class BackendAIKernelManager(ServerKernelManager):
 class BackendAIMappingKernelManager(AsyncMappingKernelManager):
     """jupyter_server's kernel manager, with an owner for every kernel."""
 
-    gateway_url = Unicode("", help="The gateway's own URL, for the provisioner.").tag(config=True)
     env_allowlist = Set(
         Unicode(),
         help="Variables a client may pass to kernels besides KERNEL_* (Gateway.kernel_env_allowlist).",
     ).tag(config=True)
-    ca_file = Unicode("", help="CA the provisioner trusts for an https gateway URL.").tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.kernel_manager_class = "backendai_jupyter.gateway.jupyter_api.BackendAIKernelManager"
         self.owners: dict[str, str] = {}
-        self.db: Any = None  # set by the gateway: the async sessionmaker
+        # Set by the gateway: its async sessionmaker, session and vfolder services, resource rules.
+        self.db: Any = None
+        self.sessions: Any = None
+        self.vfolders: Any = None
+        self.resource_rules: Any = None
 
-    async def _owner_config(self, user: User) -> str:
+    async def _owner_client(self, user: User) -> ServiceClient:
+        """The provisioner's client: the session service, acting as ``user``."""
         async with self.db() as db:
-            kp = (await db.scalars(select(Keypair).where(Keypair.user_id == user.id).limit(1))).first()
-        if kp is None:
+            access_key = await db.scalar(
+                select(Keypair.access_key).where(Keypair.user_id == user.id).limit(1)
+            )
+        if access_key is None:
             raise web.HTTPError(403, f"user {user.name} has no keypair")
-        return json.dumps(
-            {
-                "url": self.gateway_url,
-                "access_key": kp.access_key,
-                "secret_key": kp.secret_key,
-                "ca_file": self.ca_file,
-            }
-        )
+        return ServiceClient(self.sessions, self.vfolders, self.resource_rules, user, access_key)
 
     def client_env(self, env: dict[str, str] | None) -> dict[str, str]:
         """What of ``env`` may reach a kernel: ``KERNEL_*`` and the operator's allowlist.
@@ -169,7 +164,7 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
         if kernel_id is not None and kernel_id in self:  # a session reusing a kernel: the owner's only
             self._check_kernel_id(kernel_id)
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
-        kwargs["owner_config"] = await self._owner_config(user)
+        kwargs["owner_client"] = await self._owner_client(user)
         # The owner is known before the kernel exists: starting it already looks it up.
         kid = kernel_id or str(uuid.uuid4())
         self.owners[kid] = user.id
@@ -273,8 +268,7 @@ class GatewayKernelSpecManager(KernelSpecManager):
                 covered.add(repository_of(normalize_image(config["image"])))
         kernels = [
             k
-            for link in self.sessions.registry.alive()
-            for image in link.registration.images
+            for image in self.sessions.agents.connected_images()
             if (k := image_kernel(image.tags, image.kernel, image.logo)) is not None
         ]
         out: dict[str, KernelSpec] = {}
@@ -391,7 +385,7 @@ class KernelsHandler(MainKernelHandler):
         try:
             req = SessionRequest.from_json(
                 {"image": config.get("image", ""), "resources": config.get("resources", {})},
-                self.settings["resource_rules"],
+                rules=self.settings["resource_rules"],
             )
             await self.settings["sessions"].check(caller(), req)
             named = [(n.strip(), "rw") for n in env.get("KERNEL_VFOLDERS", "").split(",") if n.strip()]
@@ -478,7 +472,7 @@ class FastKernelWebsocketHandler(KernelWebsocketHandler):
 
 
 def jupyter_handlers_and_settings(
-    data_dir: str, gateway_url: str, sessions: Any, env_allowlist: set[str], log: Any, ca_file: str = ""
+    data_dir: str, sessions: Any, vfolders: Any, rules: Any, env_allowlist: set[str], log: Any
 ) -> tuple[list[Any], dict[str, Any]]:
     """jupyter_server's kernel, kernelspec and session handlers, configured for the gateway."""
     from jupyter_server.kernelspecs.handlers import default_handlers as kernelspec_resources
@@ -500,9 +494,7 @@ def jupyter_handlers_and_settings(
     config.ServerApp.disable_check_xsrf = True  # token-authenticated API clients, no cookies
     config.ServerApp.allow_remote_access = True
     config.ServerApp.terminals_enabled = False
-    config.BackendAIMappingKernelManager.gateway_url = gateway_url
     config.BackendAIMappingKernelManager.env_allowlist = env_allowlist
-    config.BackendAIMappingKernelManager.ca_file = ca_file
     config.BackendAIMappingKernelManager.default_kernel_name = "backendai-python3"
     config.ServerApp.kernel_spec_manager_class = GatewayKernelSpecManager
     # POST /api/kernels answers as soon as the kernel is requested ("starting"); its model says
@@ -511,6 +503,9 @@ def jupyter_handlers_and_settings(
     app = ServerApp(config=config, log=log)
     app.initialize(argv=[], find_extensions=False, new_httpserver=False)
     app.kernel_manager.db = sessions.db
+    app.kernel_manager.sessions = sessions
+    app.kernel_manager.vfolders = vfolders
+    app.kernel_manager.resource_rules = rules
     app.kernel_spec_manager.sessions = sessions
     empty = Path(data_dir) / "kernelspec-no-resources"
     empty.mkdir(exist_ok=True, mode=0o700)

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -78,6 +79,10 @@ class Agent(Base):
     schedulable: Mapped[bool] = mapped_column(Boolean, default=True)  # False: drained
     capacity: Mapped[dict[str, Any]] = mapped_column(JSON)
     images: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    devices: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # wire form
+    device_stats: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # The gateway replica holding the agent's connection; NULL while it is not connected.
+    replica_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -94,6 +99,7 @@ class AgentKey(Base):
 
 class KernelSession(Base):
     __tablename__ = "kernel_sessions"
+    __table_args__ = (Index("ix_kernel_sessions_owner_state", "owner_id", "state"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), default="")
@@ -116,8 +122,40 @@ class KernelSession(Base):
     # The vfolders mounted into the kernel (wire form) and its working directory in the container.
     mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     working_dir: Mapped[str] = mapped_column(Text, default="")
+    # A restart: the agent of the session it replaces (preferred) and that kernel's ports and key.
+    prefer_agent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reuse: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # A bound session: when a replica last saw its client's event stream open.
+    watched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ahead: Mapped[int] = mapped_column(Integer, default=0)  # while waiting: requests before it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AgentOrder(Base):
+    """An order for an agent connected to another replica, and that replica's answer."""
+
+    __tablename__ = "agent_orders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    replica_id: Mapped[str] = mapped_column(String(64), index=True)  # the one holding the agent
+    method: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    done: Mapped[bool] = mapped_column(Boolean, default=False)
+    result: Mapped[Any] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RequestNonce(Base):
+    """A signed request's nonce some replica accepted, until the request's date goes stale."""
+
+    __tablename__ = "request_nonces"
+
+    access_key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class SessionTransition(Base):

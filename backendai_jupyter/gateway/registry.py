@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..common.errors import AgentUnavailable, ApiError
-from ..common.wire import AgentRegistration
+from ..common.wire import AgentRegistration, Order
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class AgentLink:
     last_heartbeat: float = field(default_factory=time.monotonic)
     lost: bool = False
     device_stats: list[dict[str, Any]] = field(default_factory=list)
+    # Set once the gateway has answered the registration: until then the agent cannot report on
+    # what it is ordered to do, so orders wait (a disconnect sets it too: they fail at once).
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     _calls: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
 
     @property
@@ -45,8 +48,14 @@ class AgentLink:
     def connected(self) -> bool:
         return self.sender is not None and not self.lost
 
-    async def call(self, method: str, params: dict[str, Any], timeout: float = 60.0) -> Any:
-        """Ask the agent to do something and wait for its reply."""
+    async def call(self, order: Order, timeout: float = 60.0) -> Any:
+        """Give the agent an order and wait for its reply."""
+        method, params = order.METHOD, order.to_json()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ready.wait()
+        except TimeoutError:
+            raise AgentUnavailable(f"agent {self.id} did not finish registering in {timeout:.0f} s") from None
         if self.sender is None or self.lost:
             raise AgentUnavailable(f"agent {self.id} is not connected")
         call_id = next(_call_ids)
@@ -75,6 +84,7 @@ class AgentLink:
 
     def disconnect(self) -> None:
         self.sender = None
+        self.ready.set()  # waiting orders fail now, not at their timeout
         for fut in self._calls.values():
             if not fut.done():
                 fut.set_exception(AgentUnavailable(f"agent {self.id} disconnected"))

@@ -46,19 +46,83 @@ class SessionWatch:
         return SessionState(self.event["state"]) if self.event else None
 
 
-class GatewayClient:
+class SessionWatcher:
+    """Live session state, pushed by the gateway: each session's last event and its waiters.
+
+    How events arrive (:meth:`_follow`) and where coroutines run (:meth:`submit`) are up to the
+    subclass: a websocket on a private thread (:class:`GatewayClient`), or the gateway's own
+    event hub when the gateway starts kernels itself.
+    """
+
+    _loop: asyncio.AbstractEventLoop
+
+    def __init__(self) -> None:
+        self._watches: dict[str, SessionWatch] = {}
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` on the client's loop from any loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    async def request(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
+        raise NotImplementedError
+
+    async def _follow(self, sid: str, w: SessionWatch) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    async def _tell(w: SessionWatch, event: dict[str, Any]) -> bool:
+        """Record a newer event; True once the session is over."""
+        if w.event and "seq" in w.event and event.get("seq", 0) < w.event["seq"]:
+            return False  # older than what was told already
+        async with w.changed:
+            w.event = event
+            w.changed.notify_all()
+        return bool(w.state and w.state.is_terminal)
+
+    def watch(self, sid: str) -> SessionWatch:
+        """Start (once) following the session's events; returns its watch."""
+        w = self._watches.get(sid)
+        if w is None:
+            w = self._watches[sid] = SessionWatch()
+            w.task = asyncio.ensure_future(self._follow(sid, w))
+        return w
+
+    async def wait_for(
+        self, sid: str, done: Callable[[SessionWatch], bool], timeout: float | None = None
+    ) -> SessionWatch:
+        """Wait until ``done(watch)`` holds for the session."""
+        w = self.watch(sid)
+        async with w.changed:
+            await asyncio.wait_for(w.changed.wait_for(lambda: done(w)), timeout)
+        return w
+
+    def cached_state(self, sid: str) -> dict[str, Any]:
+        """The last event seen for a session (no I/O; safe from any thread)."""
+        w = self._watches.get(sid)
+        return dict(w.event) if w else {}
+
+    def forget(self, sid: str) -> None:
+        w = self._watches.pop(sid, None)
+        if w and w.task:
+            self._loop.call_soon_threadsafe(w.task.cancel)
+
+
+class GatewayClient(SessionWatcher):
     """Signed requests to the gateway and live session state, on a private thread."""
 
     _instances: dict[tuple[str, str, str], GatewayClient] = {}
     _lock = threading.Lock()
 
     def __init__(self, config: ClientConfig) -> None:
+        super().__init__()
         self.config = config
         self.base = config.url.rstrip("/")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="backendai-client", daemon=True)
         self._thread.start()
-        self._watches: dict[str, SessionWatch] = {}
         self._ssl: ssl.SSLContext | None = None
 
     @classmethod
@@ -69,13 +133,6 @@ class GatewayClient:
             if key not in cls._instances:
                 cls._instances[key] = cls(config)
             return cls._instances[key]
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await ``coro`` on the client's thread from any loop."""
-        return await asyncio.wrap_future(self.submit(coro))
 
     # -- requests (these run on the client thread) ---------------------------------------------
 
@@ -127,66 +184,31 @@ class GatewayClient:
 
     # -- watching sessions -----------------------------------------------------------------------
 
-    def watch(self, sid: str) -> SessionWatch:
-        """Start (once) following the session's event stream; returns its watch."""
-        w = self._watches.get(sid)
-        if w is None:
-            w = self._watches[sid] = SessionWatch()
-            w.task = asyncio.ensure_future(self._follow(sid, w))
-        return w
-
     async def _follow(self, sid: str, w: SessionWatch) -> None:
         path = f"/v1/sessions/{sid}/events"
         ws_base = self.base.replace("http", "ws", 1)
         delay = 0.1
         while True:
             try:
-                req = httpclient.HTTPRequest(
-                    ws_base + path, headers=self._headers("GET", path, b""), ssl_options=self._ssl_options()
-                )
+                headers = self._headers("GET", path, b"")
+                if "seq" in w.event:  # coming back: every change since the last one seen
+                    headers["Last-Event-ID"] = str(w.event["seq"])
+                req = httpclient.HTTPRequest(ws_base + path, headers=headers, ssl_options=self._ssl_options())
                 conn = await websocket.websocket_connect(req)
                 delay = 0.1
                 while True:
                     raw = await conn.read_message()
                     if raw is None:
                         break
-                    async with w.changed:
-                        w.event = json.loads(raw)
-                        w.changed.notify_all()
-                    if w.state and w.state.is_terminal:
+                    if await self._tell(w, json.loads(raw)):
                         conn.close()
                         return
             except httpclient.HTTPClientError as e:
                 if e.code == 404:  # the session is gone
-                    async with w.changed:
-                        w.event = {
-                            **w.event,
-                            "session_id": sid,
-                            "state": "TERMINATED",
-                            "reason": "the gateway no longer knows this session",
-                        }
-                        w.changed.notify_all()
+                    gone = {"state": "TERMINATED", "reason": "the gateway no longer knows this session"}
+                    await self._tell(w, {**w.event, "session_id": sid, **gone})
                     return
             except OSError:
                 pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
-
-    async def wait_for(
-        self, sid: str, done: Callable[[SessionWatch], bool], timeout: float | None = None
-    ) -> SessionWatch:
-        """Wait until ``done(watch)`` holds for the session."""
-        w = self.watch(sid)
-        async with w.changed:
-            await asyncio.wait_for(w.changed.wait_for(lambda: done(w)), timeout)
-        return w
-
-    def cached_state(self, sid: str) -> dict[str, Any]:
-        """The last event seen for a session (no I/O; safe from any thread)."""
-        w = self._watches.get(sid)
-        return dict(w.event) if w else {}
-
-    def forget(self, sid: str) -> None:
-        w = self._watches.pop(sid, None)
-        if w and w.task:
-            self._loop.call_soon_threadsafe(w.task.cancel)

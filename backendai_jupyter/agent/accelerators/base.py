@@ -2,32 +2,25 @@
 
 The agent calls a plugin at start (:meth:`AcceleratorPlugin.discover`), when it registers
 (:meth:`AcceleratorPlugin.slots`), for every kernel that was allocated devices
-(:meth:`AcceleratorPlugin.container_args`), and when asked for live numbers
+(:meth:`AcceleratorPlugin.grant`), and when asked for live numbers
 (:meth:`AcceleratorPlugin.stats`). The gateway decides *which* devices a kernel gets; a plugin
-only describes them and passes exactly those into the container.
+only describes them, as a :class:`~backendai_jupyter.agent.launch.DeviceGrant` that the
+container backend passes into the container.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from importlib.metadata import entry_points
 from typing import Any
 
 from ...common.slots import ResourceSlot
 from ...common.wire import Device
+from ..launch import DeviceGrant
 
 ENTRY_POINT_GROUP = "backendai_jupyter.accelerators"
-
-
-@dataclass
-class ContainerArgs:
-    """What a container needs to see its devices: environment, device requests, mounts."""
-
-    env: dict[str, str] = field(default_factory=dict)
-    device_requests: list[Any] = field(default_factory=list)  # docker.types.DeviceRequest
-    volumes: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,8 +62,10 @@ class AcceleratorPlugin(ABC):
         return slots
 
     @abstractmethod
-    def container_args(self, allocation: dict[str, Decimal], devices: list[Device]) -> ContainerArgs:
-        """Arguments that give a container exactly ``allocation`` (device id → amount)."""
+    def grant(self, allocation: dict[str, Decimal], devices: list[Device]) -> DeviceGrant:
+        """What gives a container exactly ``allocation`` (device id → amount): the devices as the
+        runtime's driver names them, device nodes, environment, mounts. Raise :class:`ValueError`
+        for an allocation these devices cannot honour."""
 
     @abstractmethod
     async def stats(self) -> list[DeviceStats]:

@@ -20,7 +20,8 @@ from typing import Any
 
 from ...common.slots import parse_amount
 from ...common.wire import Device
-from .base import AcceleratorPlugin, ContainerArgs, DeviceStats
+from ..launch import DeviceGrant
+from .base import AcceleratorPlugin, DeviceStats
 from .nvidia import allocated_devices, cuda_env
 
 DEFAULT_MEMORY = 16 * 2**30
@@ -85,17 +86,17 @@ class MockPlugin(AcceleratorPlugin):
         """The declared devices; called by the agent at start."""
         return list(self._devices)
 
-    def container_args(self, allocation: dict[str, Decimal], devices: list[Device]) -> ContainerArgs:
+    def grant(self, allocation: dict[str, Decimal], devices: list[Device]) -> DeviceGrant:
         """The NVIDIA plugin's environment plus a mock marker; called by the agent per kernel.
 
-        No device requests and no mounts: there is no NVIDIA runtime to hand them to.
+        No devices and no mounts: there is no NVIDIA runtime to hand them to.
         """
         mine = [d for d in devices if d.plugin == self.key]
         picked = allocated_devices(allocation, mine, sharing_supported=self.sharing_supported)
         env = cuda_env(picked)
         if picked:
             env["BACKENDAI_ACCELERATOR_MOCK"] = "1"
-        return ContainerArgs(env=env)
+        return DeviceGrant(plugin=self.key, env=env)
 
     async def stats(self) -> list[DeviceStats]:
         """Simulated numbers: each device's total memory, and zero for everything else."""

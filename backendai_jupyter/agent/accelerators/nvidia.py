@@ -20,10 +20,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-import docker.types
-
 from ...common.wire import Device
-from .base import AcceleratorPlugin, ContainerArgs, DeviceStats
+from ..launch import DeviceGrant, Mount
+from .base import AcceleratorPlugin, DeviceStats
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def _natural_key(device_id: str) -> tuple[int, int, str]:
 def allocated_devices(
     allocation: dict[str, Decimal], devices: list[Device], *, sharing_supported: bool
 ) -> list[tuple[Device, Decimal]]:
-    """Check an allocation against the discovered devices (called by the CUDA plugins' container_args).
+    """Check an allocation against the discovered devices (called by the CUDA plugins' grant).
 
     Returns ``(device, amount)`` pairs sorted by device id. Raises :class:`ValueError` for an
     unknown id, an amount that is not positive, or a fraction the host cannot honour.
@@ -130,7 +129,7 @@ class NvidiaPlugin(AcceleratorPlugin):
     # -- MPS ----------------------------------------------------------------------------------
 
     def mps_pipe_dir(self) -> str:
-        """Where the MPS control daemon listens (called by discover and container_args)."""
+        """Where the MPS control daemon listens (called by discover and grant)."""
         # Plugin config wins as the explicit choice; the daemon's own variable comes next.
         return str(
             self.config.get("mps_pipe_dir")
@@ -346,24 +345,22 @@ class NvidiaPlugin(AcceleratorPlugin):
         self._discovered = True
         return devices
 
-    def container_args(self, allocation: dict[str, Decimal], devices: list[Device]) -> ContainerArgs:
-        """A device request for exactly the allocated GPUs; called by the agent per kernel."""
+    def grant(self, allocation: dict[str, Decimal], devices: list[Device]) -> DeviceGrant:
+        """Exactly the allocated GPUs, by UUID, for the NVIDIA runtime; called by the agent per kernel."""
         mine = [d for d in devices if d.plugin == self.key]
         picked = allocated_devices(allocation, mine, sharing_supported=self.sharing_supported)
-        args = ContainerArgs(env=cuda_env(picked))
+        grant = DeviceGrant(plugin=self.key, env=cuda_env(picked))
         if not picked:
-            return args
-        args.device_requests.append(
-            docker.types.DeviceRequest(
-                driver="nvidia", device_ids=[d.uuid for d, _ in picked], capabilities=[["gpu"]]
-            )
-        )
+            return grant
+        grant.driver = "nvidia"
+        grant.device_ids = [d.uuid for d, _ in picked]
+        grant.capabilities = ["gpu"]
         if any(a < 1 for _, a in picked):
             # The MPS client reaches the host's daemon through its pipe directory, at the same path.
             pipe_dir = self.mps_pipe_dir()
-            args.env["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
-            args.volumes[pipe_dir] = {"bind": pipe_dir, "mode": "rw"}
-        return args
+            grant.env["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
+            grant.mounts.append(Mount(pipe_dir, pipe_dir))
+        return grant
 
     async def stats(self) -> list[DeviceStats]:
         """Utilisation, memory, temperature and power per device; called by the agent on request."""

@@ -1,4 +1,10 @@
-"""The Docker backend, through the Docker SDK; every SDK call runs in a thread, never on the loop."""
+"""The Docker backend, through the Docker SDK; every SDK call runs in a thread, never on the loop.
+
+With its network (:mod:`.kernel_network`) this is the one place that knows Docker: it turns a
+:class:`~backendai_jupyter.agent.launch.LaunchSpec` into the arguments of ``containers.create``,
+publishes the kernel's ports on host ports of its own (:class:`.ports.PortPool`), and keeps them
+in a label, so a restarted agent finds where its kernels are reachable.
+"""
 
 from __future__ import annotations
 
@@ -8,36 +14,41 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import docker
 import docker.errors
-from docker.types import LogConfig
+from docker.types import DeviceRequest, LogConfig
 
-from ...common.imagespecs import LOGO_LABEL
-from ...common.slots import ResourceSlot
+from ...common.imagespecs import KERNEL_LABEL, LOGO_LABEL
 from ...common.wire import ImageInfo
-from .base import (
+from ..launch import (
     CONNECTION_FILE_IN_CONTAINER,
     CONTAINER_PORTS,
-    KERNEL_LABEL,
     LABEL_AGENT,
-    LABEL_OWNER,
-    LABEL_PORTS,
-    LABEL_RESOURCES,
     LABEL_SESSION,
+    Endpoint,
+    LaunchSpec,
+    Tmpfs,
+)
+from .base import (
     BackendError,
     ContainerBackend,
     ExitCallback,
-    KernelLaunch,
+    KernelContainer,
     ReconnectCallback,
-    Recovered,
 )
 from .kernel_network import KernelFirewall, ensure_network
+from .ports import PortPool, PortsExhausted
+
+if TYPE_CHECKING:
+    from ..app import Agent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# The host ports a kernel's container ports are published on, as JSON {channel: port}.
+LABEL_PORTS = "io.backendai-jupyter.ports"
 
 
 def connect_docker() -> docker.DockerClient:
@@ -54,16 +65,13 @@ def connect_docker() -> docker.DockerClient:
 
 
 @dataclass
-class ContainerPolicy:
-    """How every kernel container is confined, beyond what each order asks for."""
+class DockerSettings:
+    """Where kernels' ports are published and which network fences them in (the Agent's options)."""
 
-    kernel_user: str  # numeric uid:gid
-    home: str  # the image user's home: a private tmpfs, the only writable place besides /tmp
-    home_size: str
-    tmp_size: str
-    pids_limit: int
-    log_max_size: str
-    log_max_files: int
+    agent_id: str
+    advertised_host: str  # where clients reach the published ports
+    bind_host: str  # the host address they are published on
+    port_range: tuple[int, int]
     network: str
     bridge: str
     egress: bool
@@ -72,29 +80,38 @@ class ContainerPolicy:
 class DockerBackend(ContainerBackend):
     """Kernels as Docker containers: unprivileged, read-only, resource-limited, fenced off, labelled."""
 
-    def __init__(self, agent_id: str, bind_host: str, policy: ContainerPolicy) -> None:
-        self.agent_id = agent_id
-        self.bind_host = bind_host
-        self.policy = policy
-        uid, _, gid = policy.kernel_user.partition(":")
-        if not (uid.isdigit() and (gid or uid).isdigit()):
-            raise BackendError(
-                f"kernel_user must be a numeric uid:gid (got {policy.kernel_user!r}): the kernel's "
-                "home is a tmpfs that must belong to that uid"
-            )
-        self._uid, self._gid = int(uid), int(gid or uid)
-        self.client = connect_docker()
+    def __init__(self, settings: DockerSettings, client: docker.DockerClient | None = None) -> None:
+        self.settings = settings
+        self.agent_id = settings.agent_id
+        self.ports = PortPool(*settings.port_range, settings.bind_host)
+        self.client = client if client is not None else connect_docker()
         self._events: Any = None
         self._closing = threading.Event()
         self._watcher: threading.Thread | None = None
+
+    @classmethod
+    def from_agent(cls, agent: Agent) -> DockerBackend:
+        """The backend from the agent's port range, addresses and kernel network options."""
+        low, high = (int(p) for p in agent.port_range.split("-"))
+        settings = DockerSettings(
+            agent_id=agent.agent_id,
+            advertised_host=agent.advertised_host,
+            bind_host=agent.bind_host or agent.advertised_host,
+            port_range=(low, high),
+            network=agent.kernel_network,
+            bridge=agent.kernel_bridge,
+            egress=agent.kernel_egress,
+        )
+        return cls(settings)
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def prepare(self) -> None:
         """Create the kernel network and install its firewall rules (see kernel_network)."""
-        await self._run(ensure_network, self.client, self.policy.network, self.policy.bridge)
-        await self._run(KernelFirewall(self.policy.bridge, egress=self.policy.egress).apply)
+        s = self.settings
+        await self._run(ensure_network, self.client, s.network, s.bridge)
+        await self._run(KernelFirewall(s.bridge, egress=s.egress).apply)
 
     async def list_images(self) -> list[ImageInfo]:
         images = await self._run(self.client.images.list, filters={"label": KERNEL_LABEL})
@@ -110,72 +127,43 @@ class DockerBackend(ContainerBackend):
                 out.append(ImageInfo(id=img.id, tags=list(img.tags), kernel=kernel, logo=logo))
         return out
 
-    async def create(self, launch: KernelLaunch) -> str:
-        cpu = launch.resources.get("cpu", Decimal(0))
-        mem = int(launch.resources.get("mem", Decimal(0)))
+    async def allocate(self, session_id: str, wanted: dict[str, int] | None = None) -> Endpoint:
+        """Host ports for the kernel's channels: ``wanted`` when all are free, else new ones."""
+        if wanted and set(wanted) == set(CONTAINER_PORTS) and self.ports.take_exactly(list(wanted.values())):
+            return Endpoint(self.settings.advertised_host, {ch: wanted[ch] for ch in CONTAINER_PORTS})
+        try:
+            ports = self.ports.take(len(CONTAINER_PORTS))
+        except PortsExhausted as e:
+            raise BackendError(f"{e} (Agent.port_range)") from None
+        return Endpoint(self.settings.advertised_host, dict(zip(CONTAINER_PORTS, ports, strict=True)))
+
+    async def release(self, endpoint: Endpoint) -> None:
+        self.ports.give_back(list(endpoint.ports.values()))
+
+    async def adopt(self, kernel: KernelContainer) -> None:
+        self.ports.claim(list(kernel.endpoint.ports.values()))
+
+    async def create(self, spec: LaunchSpec, endpoint: Endpoint) -> KernelContainer:
         # Docker reads 0 as "unlimited": a kernel without both limits could take the whole host.
-        if cpu <= 0 or mem <= 0:
+        if spec.cpu <= 0 or spec.mem <= 0:
             raise BackendError(
-                f"the order for session {launch.session_id} asks for cpu={cpu} and mem={mem}: every "
-                "kernel needs a positive CPU and memory limit (set them in the request or the "
+                f"the order for session {spec.session_id} asks for cpu={spec.cpu} and mem={spec.mem}: "
+                "every kernel needs a positive CPU and memory limit (set them in the request or the "
                 "user's resource policy)"
             )
-        pol = self.policy
-        ports = {
-            f"{CONTAINER_PORTS[ch]}/tcp": (self.bind_host, port) for ch, port in launch.host_ports.items()
-        }
-        image = await self._run(self.client.images.get, launch.image)
+        try:
+            image = await self._run(self.client.images.get, spec.image)
+        except docker.errors.ImageNotFound:
+            raise BackendError(f"image {spec.image} is not on this agent") from None
+        # An image without an entrypoint (an init of its own) gets Docker's, so signals reach the kernel.
         needs_init = not (image.attrs.get("Config") or {}).get("Entrypoint")
-        kwargs: dict[str, Any] = dict(
-            image=launch.image,
-            command=self._command(launch.argv),
-            name=f"bai-kernel-{launch.session_id}",
-            labels={
-                LABEL_SESSION: launch.session_id,
-                LABEL_AGENT: self.agent_id,
-                LABEL_OWNER: launch.owner,
-                LABEL_PORTS: json.dumps(launch.host_ports),
-                LABEL_RESOURCES: json.dumps(launch.resources.to_json()),
-            },
-            environment={**launch.env, **self._home_env()},
-            ports=ports,
-            volumes={
-                launch.connection_file: {"bind": CONNECTION_FILE_IN_CONTAINER, "mode": "ro"},
-                **launch.volumes,
-            },
-            device_requests=launch.device_requests or None,
-            user=f"{self._uid}:{self._gid}",
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            # The image is shared by every kernel started from it: nothing a user runs may change
-            # it. What a kernel writes goes to its home and /tmp, both size-limited tmpfs. Docker
-            # mounts a tmpfs noexec unless told otherwise; /tmp says `exec`, since kernels of
-            # compiled languages build their programs there and run them.
-            read_only=True,
-            tmpfs={
-                pol.home: f"size={pol.home_size},uid={self._uid},gid={self._gid},mode=0700,nosuid,nodev",
-                "/tmp": f"size={pol.tmp_size},mode=1777,nosuid,nodev,exec",
-            },
-            log_config=LogConfig(
-                type=LogConfig.types.JSON,
-                config={"max-size": pol.log_max_size, "max-file": str(pol.log_max_files)},
-            ),
-            network=pol.network,
-            pids_limit=pol.pids_limit,
-            nano_cpus=int(cpu * 10**9),
-            mem_limit=mem,
-            memswap_limit=mem,
-            init=needs_init,
-            detach=True,
-        )
-        if launch.working_dir:
-            kwargs["working_dir"] = launch.working_dir
+        kwargs = self.create_args(spec, endpoint, init=needs_init)
 
         def create_and_start() -> str:
             try:
                 container = self.client.containers.create(**kwargs)
             except docker.errors.ImageNotFound:
-                raise BackendError(f"image {launch.image} is not on this agent") from None
+                raise BackendError(f"image {spec.image} is not on this agent") from None
             except docker.errors.APIError as e:
                 raise BackendError(f"could not create the container: {e.explanation or e}") from None
             try:
@@ -189,38 +177,63 @@ class DockerBackend(ContainerBackend):
         # so a kernel ended while starting never leaves a container behind.
         work = asyncio.ensure_future(asyncio.to_thread(create_and_start))
         try:
-            return await asyncio.shield(work)
+            container_id = await asyncio.shield(work)
         except asyncio.CancelledError:
             try:
                 await self.destroy(await work)
             except BackendError:
                 pass
             raise
+        return KernelContainer(container_id, spec.session_id, endpoint)
 
-    def _command(self, argv: list[str]) -> list[str]:
-        """The kernel's argv, run on a private, writable copy of its connection file.
-
-        ipykernel (7.4) rewrites its connection file at start whenever it serves CurveZMQ (it
-        compares its keys as bytes with the file's strings), and the mounted file is read-only
-        (the kernel must not write to the agent's disk). So a shell copies it into the home
-        tmpfs (mode 0600, as jupyter_core's secure_write insists) and then becomes the kernel.
-        """
-        private = f"{self.policy.home}/.backendai-connection.json"
-        argv = [a.replace(CONNECTION_FILE_IN_CONTAINER, private) for a in argv]
-        script = 'umask 077 && cat "$0" > "$1" && shift && exec "$@"'
-        return ["/bin/sh", "-c", script, CONNECTION_FILE_IN_CONTAINER, private, *argv]
-
-    def _home_env(self) -> dict[str, str]:
-        """Point every per-user config and cache (IPython, matplotlib, XDG) into the writable home."""
-        home = self.policy.home
-        return {
-            "HOME": home,
-            "IPYTHONDIR": f"{home}/.ipython",
-            "MPLCONFIGDIR": f"{home}/.config/matplotlib",
-            "XDG_CONFIG_HOME": f"{home}/.config",
-            "XDG_CACHE_HOME": f"{home}/.cache",
-            "XDG_DATA_HOME": f"{home}/.local/share",
-        }
+    def create_args(self, spec: LaunchSpec, endpoint: Endpoint, *, init: bool) -> dict[str, Any]:
+        """The arguments of ``containers.create`` that run ``spec`` with its ports at ``endpoint``."""
+        s, conf = self.settings, spec.confinement
+        volumes = {spec.connection_file: {"bind": CONNECTION_FILE_IN_CONTAINER, "mode": "ro"}}
+        for m in spec.all_mounts():
+            volumes[m.source] = {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
+        device_requests = [
+            DeviceRequest(driver=g.driver, device_ids=list(g.device_ids), capabilities=[list(g.capabilities)])
+            for g in spec.devices
+            if g.device_ids
+        ]
+        kwargs: dict[str, Any] = dict(
+            image=spec.image,
+            command=spec.command,
+            name=f"bai-kernel-{spec.session_id}",
+            labels={
+                **spec.labels,
+                LABEL_SESSION: spec.session_id,
+                LABEL_AGENT: self.agent_id,
+                LABEL_PORTS: json.dumps(endpoint.ports),
+            },
+            environment=spec.environment(),
+            ports={f"{spec.ports[ch]}/tcp": (s.bind_host, port) for ch, port in endpoint.ports.items()},
+            volumes=volumes,
+            device_requests=device_requests or None,
+            user=spec.user,
+            cap_drop=list(conf.drop_capabilities),
+            security_opt=["no-new-privileges"] if conf.no_new_privileges else [],
+            read_only=conf.read_only_root,
+            tmpfs={t.target: _tmpfs_options(t) for t in conf.tmpfs},
+            log_config=LogConfig(
+                type=LogConfig.types.JSON,
+                config={"max-size": conf.log_max_size, "max-file": str(conf.log_max_files)},
+            ),
+            network=s.network,
+            pids_limit=conf.pids_limit,
+            nano_cpus=int(spec.cpu * 10**9),
+            mem_limit=spec.mem,
+            memswap_limit=spec.mem,
+            init=init,
+            detach=True,
+        )
+        nodes = [f"{n}:{n}:rwm" for g in spec.devices for n in g.device_nodes]
+        if nodes:
+            kwargs["devices"] = nodes
+        if spec.working_dir:
+            kwargs["working_dir"] = spec.working_dir
+        return kwargs
 
     async def destroy(self, container_id: str) -> None:
         def _remove() -> None:
@@ -240,7 +253,7 @@ class DockerBackend(ContainerBackend):
         except docker.errors.APIError as e:
             raise BackendError(f"could not signal the kernel: {e.explanation or e}") from None
 
-    async def recover(self) -> list[Recovered]:
+    async def list_kernels(self) -> list[KernelContainer]:
         containers = await self._run(
             self.client.containers.list, all=True, filters={"label": f"{LABEL_AGENT}={self.agent_id}"}
         )
@@ -249,15 +262,15 @@ class DockerBackend(ContainerBackend):
             labels = c.labels
             try:
                 ports = {k: int(v) for k, v in json.loads(labels.get(LABEL_PORTS, "{}")).items()}
-                resources = ResourceSlot.parse(json.loads(labels.get(LABEL_RESOURCES, "{}")))
             except ValueError:
-                ports, resources = {}, ResourceSlot()
-            out.append(Recovered(labels[LABEL_SESSION], c.id, c.status == "running", ports, resources))
+                ports = {}
+            endpoint = Endpoint(self.settings.advertised_host, ports)
+            out.append(KernelContainer(c.id, labels[LABEL_SESSION], endpoint, c.status == "running"))
         return out
 
     async def logs_tail(self, container_id: str, lines: int = 20) -> str:
         try:
-            raw = await self._run(self.client.api.logs, container_id, tail=lines)
+            raw: bytes = await self._run(self.client.api.logs, container_id, tail=lines)
         except docker.errors.APIError:
             return ""
         return raw.decode(errors="replace").strip()
@@ -316,3 +329,16 @@ class DockerBackend(ContainerBackend):
         if self._events is not None:
             self._events.close()
         self.client.close()
+
+
+def _tmpfs_options(t: Tmpfs) -> str:
+    """Docker's mount options for a tmpfs (``size=1g,uid=1000,gid=1000,mode=0700,nosuid,nodev``)."""
+    opts = [f"size={t.size}"]
+    if t.uid is not None:
+        opts.append(f"uid={t.uid}")
+    if t.gid is not None:
+        opts.append(f"gid={t.gid}")
+    opts += [f"mode={t.mode:04o}", "nosuid", "nodev"]
+    if t.exec:
+        opts.append("exec")
+    return ",".join(opts)

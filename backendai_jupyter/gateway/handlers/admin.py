@@ -47,7 +47,7 @@ class UsersHandler(AdminHandler):
         self.write_json({"users": [user_json(u) for u in users]})
 
     async def post(self) -> None:
-        req = UserCreate.from_json(self.json_body())
+        req = self.body_as(UserCreate)
         name, policy = req.name, req.policy
         async with self.db() as db, db.begin():
             if (await db.scalars(select(User).where(User.name == name))).first():
@@ -80,12 +80,12 @@ async def _user(db: Any, name: str) -> User:
 
 class UserHandler(AdminHandler):
     async def patch(self, name: str) -> None:
-        req = UserPatch.from_json(self.json_body())
+        req = self.body_as(UserPatch)
         async with self.db() as db, db.begin():
             user = await _user(db, name)
             if req.disabled is not None:
                 user.disabled = req.disabled
-            if req.set_policy:
+            if req.given("policy"):
                 if req.policy is not None and await db.get(ResourcePolicy, req.policy) is None:
                     raise InvalidRequest(f"no resource policy {req.policy!r}")
                 user.policy = req.policy
@@ -97,7 +97,7 @@ class UserHandler(AdminHandler):
             user = await _user(db, name)
             if user.id == self.current_user.id:
                 raise Conflict("you cannot delete yourself")
-            if any(s.owner_id == user.id for s in self.sessions.live.values()):
+            if await self.sessions.has_open_sessions(user.id):
                 raise Conflict(f"user {name} still has kernel sessions; end them first")
             # Sessions keep their owner; the credentials are gone for good: enabling the user again
             # gives back no token and no keypair (rotate-token and rotate-keypair issue new ones).
@@ -147,7 +147,7 @@ class PolicyHandler(AdminHandler):
     async def put(self, name: str) -> None:
         if not NAME_RE.match(name):
             raise InvalidRequest(f"policy name: {NAME_RULE}")
-        spec = PolicySpec.from_json(self.json_body())
+        spec = self.body_as(PolicySpec)
         async with self.db() as db, db.begin():
             policy = await db.get(ResourcePolicy, name)
             if policy is None:

@@ -26,29 +26,31 @@ class AgentsHandler(ApiHandler):
     """List agents: capacity and use for everyone; addresses, devices and holders for admins."""
 
     async def get(self) -> None:
-        sessions = self.sessions
+        book = self.sessions.agents
         admin = self.current_user.is_admin
         out = []
-        for link in sessions.registry.links.values():
-            used, kernels = sessions.agent_usage(link.id)
-            reg = link.registration
-            holders = sessions.device_holders(link.id)
+        for row in await book.rows():
+            used, kernels = await book.usage(row.id)
             agent: dict[str, Any] = {
-                "id": link.id,
-                "status": "LOST" if link.lost else ("ALIVE" if link.connected else "DISCONNECTED"),
-                "schedulable": link.id not in sessions.drained,
-                "capacity": reg.capacity.to_json(),
+                "id": row.id,
+                "status": row.status,
+                "schedulable": bool(row.schedulable),
+                "capacity": row.capacity,
                 "used": used.to_json(),
-                "images": sorted(t for i in reg.images for t in i.tags),
+                "images": sorted(t for i in book.images_of(row) for t in i.tags),
             }
             if not admin:
                 # Capacity is what a user needs to choose; where hosts are, which devices they
                 # have and whose kernels hold them is the operators' business.
                 out.append(agent)
                 continue
-            stats = {s["id"]: s for s in link.device_stats}
+            holders = await book.device_holders(row.id)
+            link = self.sessions.registry.get(row.id)
+            stats = {
+                s["id"]: s for s in (link.device_stats if link and link.connected else row.device_stats or [])
+            }
             agent.update(
-                address=reg.address,
+                address=row.address,
                 kernels=kernels,
                 devices=[
                     {
@@ -58,7 +60,7 @@ class AgentsHandler(ApiHandler):
                         "held_by": holders.get(d.id, []),
                         "stats": stats.get(d.id),
                     }
-                    for d in reg.devices
+                    for d in book.devices_of(row)
                 ],
             )
             out.append(agent)
@@ -85,7 +87,7 @@ class DrainHandler(ApiHandler):
     async def post(self, agent_id: str, action: str) -> None:
         if not self.current_user.is_admin:
             raise Forbidden("only admins can drain agents")
-        await self.sessions.set_drained(agent_id, action == "drain")
+        await self.sessions.agents.set_drained(agent_id, action == "drain")
         self.write_json({"id": agent_id, "schedulable": action == "undrain"})
 
 
@@ -131,31 +133,36 @@ class AgentConnectHandler(websocket.WebSocketHandler):
                     self.close(4003, "an agent registers under the id it authenticated as")
                     return
                 self.agent_id = reg.agent_id
-                self.sessions.registry.register(reg, self)
-                await self.sessions.agent_registered(reg)
+                await self.sessions.agents.registered(reg, self)
                 self.write_message(
                     json.dumps(
                         {"type": "registered", "heartbeat_interval": self.settings["heartbeat_interval"]}
                     )
                 )
+                link = self.sessions.registry.get(reg.agent_id)
+                if link is not None and link.sender is self:
+                    link.ready.set()  # orders go out only now, after the answer
                 log.info(
                     "agent %s registered from %s (%s)", reg.agent_id, reg.address, reg.capacity.describe()
                 )
             elif self.agent_id is None:
                 self.close(4001, "register first")
             elif kind == "heartbeat":
-                self.sessions.registry.heartbeat(self.agent_id, msg.get("device_stats"))
+                await self.sessions.agents.heartbeat(self.agent_id, msg.get("device_stats"))
             elif kind == "reply":
                 link = self.sessions.registry.get(self.agent_id)
                 if link:
                     link.resolve(msg)
             elif kind == "kernel":
-                await self.sessions.kernel_report(self.agent_id, KernelReport.from_json(msg["report"]))
+                await self.sessions.agents.report(self.agent_id, KernelReport.from_json(msg["report"]))
         except (KeyError, ValueError, TypeError, AttributeError):
             log.exception("bad message from agent %s", self.agent_id)
+        except Exception:
+            # The database away for a moment: the link stays; the agent repeats what matters
+            # (its heartbeat, and its kernels when it registers again).
+            log.exception("handling a message from agent %s failed", self.agent_id)
 
     def on_close(self) -> None:
         if self.agent_id:
             log.info("agent %s disconnected", self.agent_id)
-            self.sessions.registry.connection_closed(self.agent_id, self)
-            self.sessions.agent_disconnected(self.agent_id)
+            self.sessions.spawn(self.sessions.agents.disconnected(self.agent_id, self))

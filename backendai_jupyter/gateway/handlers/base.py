@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from tornado import web
 
@@ -16,9 +16,11 @@ from ...common import signing
 from ...common.errors import ApiError, InvalidRequest, LengthRequired, NotFound, PayloadTooLarge, Unauthorized
 from ..auth import Authenticator
 from ..models import User
+from ..requests import RequestModel
 from ..sessions import SessionService
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=RequestModel)
 
 # One answer for an unknown access key and for a wrong signature, so that nobody can find out
 # which access keys exist by trying them.
@@ -85,7 +87,7 @@ class AuthMixin:
         found = self._signed[1]
         return found[1] if found is not None and not found[1].disabled else None
 
-    def verify_signature(self, body: bytes, *, digest: str | None = None) -> None:
+    async def verify_signature(self, body: bytes, *, digest: str | None = None) -> None:
         """For a signed request, check the signature over the body as read; a no-op for tokens.
 
         A body streamed to disk instead of memory passes its sha256 (hex) as ``digest``.
@@ -111,7 +113,7 @@ class AuthMixin:
         if user is None:
             raise Unauthorized(BAD_SIGNATURE)
         # Recorded only once the signature holds, so nobody without the secret can fill the cache.
-        self.settings["nonces"].remember(self.access_key, nonce, when)  # refuses a replay
+        await self.settings["nonces"].accept(self.access_key, nonce, when)  # refuses a replay
         # Only the key's holder gets this far, so saying "disabled" tells nobody else anything.
         if user.disabled:
             raise Unauthorized("this user is disabled")
@@ -127,7 +129,7 @@ def _after_body(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitab
     async def run(self: ApiHandler, *args: Any, **kwargs: Any) -> None:
         if self._finished:
             return  # refused while the body came in
-        self.body_received()
+        await self.body_received()
         await method(self, *args, **kwargs)
 
     run.__wrapped_after_body__ = True  # type: ignore[attr-defined]
@@ -200,24 +202,20 @@ class ApiHandler(AuthMixin, web.RequestHandler):
             return
         self._body += chunk
 
-    def body_received(self) -> None:
+    async def body_received(self) -> None:
         """The body is in: check its signature and the caller's rights before the method runs."""
         body = bytes(self._body or b"")
         self.request.body = body
-        self.verify_signature(body)
+        await self.verify_signature(body)
         self.authorize()
 
     def authorize(self) -> None:
         """Refuse a caller who may not use this handler at all (raise :class:`ApiError`)."""
 
-    def json_body(self) -> dict[str, Any]:
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequest("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("the request body must be a JSON object")
-        return body
+    def body_as(self, model: type[M], **context: Any) -> M:
+        """The request's JSON body validated as ``model`` (no body is ``{}``), or
+        :class:`InvalidRequest` naming each field that is wrong; ``context`` is for its validators."""
+        return model.from_body(self.request.body, **context)
 
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -23,7 +23,7 @@ class SessionsHandler(ApiHandler):
         )
 
     async def post(self) -> None:
-        req = SessionRequest.from_json(self.json_body(), self.settings["resource_rules"])
+        req = self.body_as(SessionRequest, rules=self.settings["resource_rules"])
         # Refused here, before anything is placed, when the user may not mount one of them.
         mounts, working_dir = await resolve_mounts(
             self.settings["vfolders"], self.current_user, list(req.mounts), req.working_dir
@@ -53,7 +53,7 @@ class InterruptHandler(ApiHandler):
 
 class SignalHandler(ApiHandler):
     async def post(self, sid: str) -> None:
-        req = SignalRequest.from_json(self.json_body())
+        req = self.body_as(SignalRequest)
         await self.sessions.signal(self.current_user, sid, req.signal)
         self.set_status(204)
         self.finish()
@@ -65,7 +65,12 @@ class RestartHandler(ApiHandler):
 
 
 class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
-    """A websocket of one session's state changes: the current state first, then each change."""
+    """A websocket of one session's state changes: the current state first, then each change.
+
+    A client that comes back with ``Last-Event-ID: SEQ`` (the ``seq`` of the last event it
+    received; or ``?last_event_id=SEQ``) gets every change after it instead of the current
+    state, so nothing that happened while it was away is lost, on whichever replica it lands.
+    """
 
     _queue: asyncio.Queue[dict[str, Any]] | None = None
     _pump: asyncio.Task[None] | None = None
@@ -73,7 +78,7 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
     async def get(self, sid: str) -> None:  # type: ignore[override]
         try:
             await self.authenticate()
-            self.verify_signature(self.request.body or b"")
+            await self.verify_signature(self.request.body or b"")
             row = await self.settings["sessions"].get_row(self.current_user, sid)
         except ApiError as e:
             self.set_status(e.status)
@@ -96,9 +101,20 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
         self.set_nodelay(True)
         self.settings["sessions"].stream_opened(sid)
         self._counted = True
-        first = await self.settings["sessions"].snapshot(self.current_user, sid)
-        self._send(first)
-        self._pump = asyncio.ensure_future(self._forward(first["seq"]))
+        sessions = self.settings["sessions"]
+        resume = self._last_event_id()
+        if resume is None:
+            told = [await sessions.snapshot(self.current_user, sid)]
+        else:  # a client coming back: every change after the last one it saw, in order
+            told = await sessions.events_after(self.current_user, sid, resume)
+        for event in told:
+            self._send(event)
+        self._pump = asyncio.ensure_future(self._forward(told[-1]["seq"] if told else resume or 0))
+
+    def _last_event_id(self) -> int | None:
+        """The ``Last-Event-ID`` header (or ``last_event_id`` query argument), if any."""
+        raw = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_event_id", "")
+        return int(raw) if raw.isascii() and raw.isdigit() else None
 
     def _send(self, event: dict[str, Any]) -> None:
         if self.owner != self.current_user.id:
@@ -110,9 +126,11 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
         try:
             while True:
                 event = await self._queue.get()
-                # Changes that were already in the snapshot were queued too: skip them. A moved
-                # place in line repeats the last transition's seq and always goes out.
-                if event["seq"] > after or "requests_ahead" in event:
+                # Changes already told (in the snapshot, or published twice) are skipped, so the
+                # story only moves forward. A moved place in line repeats the last transition's
+                # seq and goes out unless a newer change has.
+                if event["seq"] > after or ("requests_ahead" in event and event["seq"] == after):
+                    after = event["seq"]
                     self._send(event)
         except websocket.WebSocketClosedError:
             pass

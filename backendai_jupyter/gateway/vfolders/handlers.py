@@ -17,9 +17,19 @@ import urllib.parse
 from typing import Any
 
 from ...common.errors import ApiError, InvalidRequest, LengthRequired, PayloadTooLarge
-from ..handlers.base import ApiHandler
-from ..requests import parse_bytes
+from ..handlers.base import ApiHandler, M
 from .fs import Entry
+from .requests import (
+    AcceptInvitation,
+    Copy,
+    Invite,
+    Mkdir,
+    Move,
+    ShareUpdate,
+    UploadStart,
+    VFolderCreate,
+    VFolderPatch,
+)
 from .service import ChunkSink, VFolderService, WriteSink
 
 VID = r"(?P<vid>[0-9a-f-]{36})"
@@ -52,23 +62,20 @@ class VFolderHandler(ApiHandler):
         self.set_status(status)
         self.finish()
 
+    async def body_for(self, vid: str, model: type[M], *, write: bool = False, owner: bool = False) -> M:
+        """The body as ``model``, read once the caller may do this to vfolder ``vid`` at all: one
+        who may not is told so, not what is wrong with their body."""
+        await self.vfolders.access(self.current_user, vid, write=write, owner=owner)
+        return self.body_as(model)
+
 
 class VFoldersHandler(VFolderHandler):
     async def get(self) -> None:
         self.write_json({"vfolders": await self.vfolders.list(self.current_user, trash=self.flag("trash"))})
 
     async def post(self) -> None:
-        body = self.json_body()
-        quota = body.get("quota")
-        volume = body.get("volume")
-        if volume is not None and not isinstance(volume, str):
-            raise InvalidRequest("volume must be a storage volume's name")
-        model = await self.vfolders.create(
-            self.current_user,
-            body.get("name"),  # type: ignore[arg-type]  (validated there)
-            None if quota is None else parse_bytes(quota, "quota"),
-            volume,
-        )
+        req = self.body_as(VFolderCreate)
+        model = await self.vfolders.create(self.current_user, req.name, req.quota, req.volume)
         self.set_header("Location", f"/v1/vfolders/{model['id']}")
         self.write_json(model, status=201)
 
@@ -80,7 +87,8 @@ class OneVFolderHandler(VFolderHandler):
         self.write_json(self.vfolders.model(a, shares=shares))
 
     async def patch(self, vid: str) -> None:
-        self.write_json(await self.vfolders.update(self.current_user, vid, self.json_body()))
+        patch = await self.body_for(vid, VFolderPatch, owner=True)
+        self.write_json(await self.vfolders.update(self.current_user, vid, patch.name, patch.quota))
 
     async def delete(self, vid: str) -> None:
         self.write_json(await self.vfolders.trash(self.current_user, vid, force=self.flag("force")))
@@ -109,10 +117,8 @@ class UsageHandler(VFolderHandler):
 
 class InviteHandler(VFolderHandler):
     async def post(self, vid: str) -> None:
-        body = self.json_body()
-        inv = await self.vfolders.invite(
-            self.current_user, vid, body.get("user"), body.get("permission", "rw")
-        )
+        req = await self.body_for(vid, Invite, owner=True)
+        inv = await self.vfolders.invite(self.current_user, vid, req.user, req.permission)
         self.write_json(inv, status=201)
 
 
@@ -129,10 +135,11 @@ class InvitationHandler(VFolderHandler):
 
 class AnswerHandler(VFolderHandler):
     async def post(self, iid: str, answer: str) -> None:
-        body = self.json_body()
-        self.write_json(
-            await self.vfolders.answer(self.current_user, iid, answer == "accept", body.get("name"))
-        )
+        if answer == "reject":  # takes no body
+            self.write_json(await self.vfolders.answer(self.current_user, iid, False))
+            return
+        req = self.body_as(AcceptInvitation)
+        self.write_json(await self.vfolders.answer(self.current_user, iid, True, req.name))
 
 
 class SharesHandler(VFolderHandler):
@@ -142,8 +149,8 @@ class SharesHandler(VFolderHandler):
 
 class ShareHandler(VFolderHandler):
     async def put(self, vid: str, user: str) -> None:
-        body = self.json_body()
-        self.write_json(await self.vfolders.set_share(self.current_user, vid, user, body.get("permission")))
+        req = await self.body_for(vid, ShareUpdate, owner=True)
+        self.write_json(await self.vfolders.set_share(self.current_user, vid, user, req.permission))
 
     async def delete(self, vid: str, user: str) -> None:
         await self.vfolders.unshare(self.current_user, vid, user)
@@ -175,44 +182,24 @@ class StatHandler(VFolderHandler):
         self.write_json(await self.vfolders.stat(self.current_user, vid, self.arg("path")))
 
 
-def _str_field(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{name} is required: a path in the vfolder (a string)")
-    return value
-
-
 class MkdirHandler(VFolderHandler):
     async def post(self, vid: str) -> None:
-        await self.vfolders.access(self.current_user, vid, write=True)
-        body = self.json_body()
-        parents = body.get("parents", False)
-        if not isinstance(parents, bool):
-            raise InvalidRequest("parents must be true or false")
-        entry = await self.vfolders.mkdir(self.current_user, vid, _str_field(body, "path"), parents=parents)
+        req = await self.body_for(vid, Mkdir, write=True)
+        entry = await self.vfolders.mkdir(self.current_user, vid, req.path, parents=req.parents)
         self.write_json(entry, status=201)
 
 
 class MoveHandler(VFolderHandler):
     async def post(self, vid: str) -> None:
-        await self.vfolders.access(self.current_user, vid, write=True)  # before saying what is wrong
-        body = self.json_body()
-        overwrite = body.get("overwrite", False)
-        if not isinstance(overwrite, bool):
-            raise InvalidRequest("overwrite must be true or false")
-        entry = await self.vfolders.move(
-            self.current_user, vid, _str_field(body, "src"), _str_field(body, "dst"), overwrite=overwrite
-        )
+        req = await self.body_for(vid, Move, write=True)
+        entry = await self.vfolders.move(self.current_user, vid, req.src, req.dst, overwrite=req.overwrite)
         self.write_json(entry)
 
 
 class CopyHandler(VFolderHandler):
     async def post(self, vid: str) -> None:
-        await self.vfolders.access(self.current_user, vid, write=True)
-        body = self.json_body()
-        entry = await self.vfolders.copy(
-            self.current_user, vid, _str_field(body, "src"), _str_field(body, "dst")
-        )
+        req = await self.body_for(vid, Copy, write=True)
+        entry = await self.vfolders.copy(self.current_user, vid, req.src, req.dst)
         self.write_json(entry, status=201)
 
 
@@ -344,10 +331,10 @@ class BodySinkHandler(VFolderHandler):
             sink, self._sink = self._sink, None
             sink.abort()
 
-    def body_received(self) -> None:
+    async def body_received(self) -> None:
         self.request.body = b""
         try:
-            self.verify_signature(b"", digest=self._sha.hexdigest())
+            await self.verify_signature(b"", digest=self._sha.hexdigest())
             self.authorize()
         except ApiError:
             self._abort()
@@ -387,8 +374,8 @@ class ContentHandler(BodySinkHandler):
 
 class UploadsHandler(VFolderHandler):
     async def post(self, vid: str) -> None:
-        body = self.json_body()
-        up = await self.vfolders.start_upload(self.current_user, vid, body.get("path"), body.get("size"))
+        req = await self.body_for(vid, UploadStart, write=True)
+        up = await self.vfolders.start_upload(self.current_user, vid, req.path, req.size)
         self.set_header("Location", f"/v1/vfolders/{vid}/uploads/{up['upload_id']}")
         if up["size"] == 0:  # nothing to send: an empty file, in place at once
             sink = await self.vfolders.open_chunk(self.current_user, vid, up["upload_id"], 0, 0)
@@ -418,11 +405,11 @@ class UploadHandler(BodySinkHandler):
         else:
             ApiHandler.data_received(self, chunk)
 
-    def body_received(self) -> None:
+    async def body_received(self) -> None:
         if self.request.method == "PATCH":
-            super().body_received()
+            await super().body_received()
         else:
-            ApiHandler.body_received(self)
+            await ApiHandler.body_received(self)
 
     async def get(self, vid: str, uid: str) -> None:
         self.write_json(await self.vfolders.upload_status(self.current_user, vid, uid))

@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -34,36 +34,11 @@ from .fs import Entry, QuotaExceeded, StagedFile, VFolderFS, create_root, human_
 
 log = logging.getLogger(__name__)
 
-PERMISSIONS = ("ro", "rw")
-MAX_NAME = 64
 UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 STAGING = ".staging"
 # Kernels cannot be stopped from writing past a quota on volumes without project quotas; the
 # file API refuses writes once usage reaches the quota, and usage is re-measured this often.
 QUOTA_ENFORCED_IN_KERNELS = False
-
-
-def validate_name(name: object) -> str:
-    """A vfolder name as users give it; :class:`InvalidRequest` saying what is wrong."""
-    if not isinstance(name, str) or not name:
-        raise InvalidRequest("name is required: the vfolder's name, e.g. 'data'")
-    if len(name) > MAX_NAME:
-        raise InvalidRequest(f"a vfolder name has at most {MAX_NAME} characters ({len(name)} given)")
-    if "/" in name or "\\" in name:
-        raise InvalidRequest(f"a vfolder name cannot contain '/' or '\\' ({name!r})")
-    if name.startswith("."):
-        raise InvalidRequest(f"a vfolder name cannot start with a dot ({name!r})")
-    if name != name.strip() or not name.isprintable():
-        raise InvalidRequest(
-            f"a vfolder name cannot have control characters or surrounding spaces ({name!r})"
-        )
-    return name
-
-
-def validate_permission(value: object) -> str:
-    if value not in PERMISSIONS:
-        raise InvalidRequest(f"permission must be 'ro' (read-only) or 'rw' (read-write), got {value!r}")
-    return str(value)
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -101,7 +76,7 @@ class VFolderService:
         default_volume: str,
         owner: tuple[int, int] | None,
         default_quota: int,
-        mounts: Callable[[], dict[str, list[str]]],
+        mounts: Callable[[], Awaitable[dict[str, list[str]]]],
         usage_interval: float = 60.0,
         kernel_home: str = KERNEL_HOME,
     ) -> None:
@@ -279,7 +254,7 @@ class VFolderService:
             )
 
     async def create(self, user: User, name: str, quota: int | None, volume: str | None) -> dict[str, Any]:
-        name = validate_name(name)
+        """A new vfolder of ``user``'s: ``name`` is a valid one (see :mod:`.requests`)."""
         volume = volume or self.default_volume
         if volume not in self.volumes:
             raise InvalidRequest(
@@ -332,8 +307,8 @@ class VFolderService:
                 whose = "" if a.is_owner else f" (shared with you by {a.row.owner.name})"
                 raise Conflict(f"you already have a vfolder named {name!r}{whose}; pick another name")
 
-    async def update(self, user: User, vid: str, body: dict[str, Any]) -> dict[str, Any]:
-        """PATCH: rename (the owner), set the quota (the owner, within their policy)."""
+    async def update(self, user: User, vid: str, name: str | None, quota: int | None) -> dict[str, Any]:
+        """PATCH: rename (the owner), set the quota (the owner, within their policy); None: unchanged."""
         a = await self.access(user, vid, owner=True)
         row = a.row
         async with self._user_locks.setdefault(user.id, asyncio.Lock()):
@@ -341,16 +316,10 @@ class VFolderService:
                 fresh = await db.get(VFolder, vid)
                 if fresh is None:
                     raise NotFound(f"no vfolder {vid}")
-                if "quota" in body:
-                    from ..requests import parse_bytes
-
-                    quota = parse_bytes(body["quota"], "quota")
-                    if quota <= 0:
-                        raise InvalidRequest("quota must be more than 0 bytes")
+                if quota is not None:
                     await self._check_quota_policy(user, quota, replacing=vid)
                     fresh.quota_bytes = quota
-                if "name" in body:
-                    name = validate_name(body["name"])
+                if name is not None:
                     if name != fresh.name:
                         await self._check_name_free(user, name, except_id=vid)
                         # Invitees who have a vfolder of that name keep seeing this one under its
@@ -379,7 +348,7 @@ class VFolderService:
         kernels then keep their mount (the directory is not moved) until they end.
         """
         a = await self.access(user, vid, owner=True)
-        mounted = self.mounts().get(vid, [])
+        mounted = (await self.mounts()).get(vid, [])
         if mounted and not force:
             raise Conflict(
                 f"vfolder {a.name!r} is mounted by running kernel sessions {', '.join(sorted(mounted))}; "
@@ -424,7 +393,7 @@ class VFolderService:
         a = await self.access(user, vid, owner=True, trash=True)
         if a.row.status != "trash":
             raise Conflict(f"vfolder {a.name!r} is not in the trash: delete it first, then purge it")
-        mounted = self.mounts().get(vid, [])
+        mounted = (await self.mounts()).get(vid, [])
         if mounted:
             raise Conflict(
                 f"vfolder {a.name!r} is still mounted by running kernel sessions "
@@ -446,9 +415,8 @@ class VFolderService:
             raise NotFound(f"no user {name!r}")
         return u
 
-    async def invite(self, user: User, vid: str, invitee_name: object, permission: object) -> dict[str, Any]:
+    async def invite(self, user: User, vid: str, invitee_name: str, permission: str) -> dict[str, Any]:
         a = await self.access(user, vid, owner=True)
-        perm = validate_permission(permission)
         invitee = await self._user_named(invitee_name)
         if invitee.id == user.id:
             raise InvalidRequest("you own this vfolder already")
@@ -473,7 +441,7 @@ class VFolderService:
                 vfolder_id=vid,
                 inviter_id=user.id,
                 invitee_id=invitee.id,
-                permission=perm,
+                permission=permission,
                 state="pending",
                 created_at=now,
                 updated_at=now,
@@ -523,8 +491,8 @@ class VFolderService:
             raise NotFound(f"no pending invitation {iid}")
         return inv
 
-    async def answer(self, user: User, iid: str, accept: bool, alias: object = None) -> dict[str, Any]:
-        """The invitee accepts (a share appears) or rejects an invitation."""
+    async def answer(self, user: User, iid: str, accept: bool, alias: str | None = None) -> dict[str, Any]:
+        """The invitee accepts (a share appears, named ``alias`` for them if given) or rejects."""
         inv = await self._invitation(iid)
         if inv.invitee_id != user.id:
             raise NotFound(f"no pending invitation {iid}")
@@ -536,7 +504,7 @@ class VFolderService:
         if row is None or row.status != "ready":
             await self._set_invitation(iid, "canceled")
             raise NotFound("the vfolder of this invitation is gone")
-        name = validate_name(alias) if alias is not None else row.name
+        name = alias if alias is not None else row.name
         try:
             await self._check_name_free(user, name)
         except Conflict:
@@ -591,17 +559,16 @@ class VFolderService:
             {"user": name, "permission": s.permission, "created_at": _iso(s.created_at)} for s, name in rows
         ]
 
-    async def set_share(self, user: User, vid: str, who: str, permission: object) -> dict[str, Any]:
+    async def set_share(self, user: User, vid: str, who: str, permission: str) -> dict[str, Any]:
         """The owner changes what an invitee may do."""
         await self.access(user, vid, owner=True)
-        perm = validate_permission(permission)
         other = await self._user_named(who)
         async with self.db() as db, db.begin():
             share = await db.get(VFolderShare, (vid, other.id))
             if share is None:
                 raise NotFound(f"vfolder {vid} is not shared with {who}; invite them first")
-            share.permission = perm
-        return {"user": other.name, "permission": perm}
+            share.permission = permission
+        return {"user": other.name, "permission": permission}
 
     async def unshare(self, user: User, vid: str, who: str) -> None:
         """The owner revokes a share. Kernels already running keep their mount until they end."""
@@ -675,7 +642,7 @@ class VFolderService:
         while True:
             await asyncio.sleep(self.usage_interval)
             try:
-                await self.measure_mounted(sorted(self.mounts()))
+                await self.measure_mounted(sorted(await self.mounts()))
             except Exception:
                 log.exception("measuring vfolder usage failed")
 
@@ -777,13 +744,11 @@ class VFolderService:
         self._reserved[vid] = self._reserved.get(vid, 0) + size
         return WriteSink(self, a, path, fs, staged, size, old, exclusive)
 
-    async def start_upload(self, user: User, vid: str, path: object, size: object) -> dict[str, Any]:
+    async def start_upload(self, user: User, vid: str, path: str, size: int) -> dict[str, Any]:
         """A resumable upload: the client sends chunks at offsets until ``size`` bytes are in."""
         a = await self.access(user, vid, write=True)
-        if not isinstance(path, str) or not split_path(path):
+        if not split_path(path):
             raise InvalidRequest("path is required: where in the vfolder the file goes")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise InvalidRequest("size is required: the whole file's size in bytes")
         try:
             existing = await self._fs_call(a, lambda fs: fs.stat(path))
         except NotFound:

@@ -1,4 +1,7 @@
-"""Host ports for kernels, from a configured range, never two kernels on one port."""
+"""Host ports for kernels, from a configured range, never two kernels on one port.
+
+For backends that publish a kernel's ports on its agent's host (Docker).
+"""
 
 from __future__ import annotations
 
