@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import docker
 import pytest
+import pytest_asyncio
 from jupyter_client.manager import KernelManager
 from selenium import webdriver
 
@@ -164,3 +167,25 @@ def browser():
         yield driver
     finally:
         driver.quit()
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="function")
+async def _stray_tasks_end() -> AsyncIterator[None]:
+    """After each test, tasks it left behind must end when cancelled.
+
+    pytest-asyncio cancels what is left when it closes the test's event loop and waits for all of
+    it: one task that ignores its cancellation would hold the whole run there, silently. Here it is
+    a failure of the test that left it, with the task's stack.
+    """
+    yield
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for t in left:
+        t.cancel()
+    if left:
+        _, pending = await asyncio.wait(left, timeout=10)
+        if pending:
+            out = io.StringIO()
+            for t in pending:
+                t.print_stack(file=out)
+            pytest.fail(f"{len(pending)} task(s) ignore cancellation:\n{out.getvalue()}")

@@ -33,6 +33,11 @@ def test_the_private_methods_we_override_exist_with_their_parameters(cls, name, 
 def test_the_private_attributes_we_read_exist():
     assert "_kernels" in MultiKernelManager.class_traits()
     assert isinstance(MultiKernelManager()._pending_kernels, dict)
+    # An adopted kernel (started through another replica) is entered as jupyter_server enters
+    # the kernels it starts: its connection count and ports.
+    mapping = AsyncMappingKernelManager()
+    assert isinstance(mapping._kernel_connections, dict)
+    assert isinstance(mapping._kernel_ports, dict)
 
 
 def test_our_managers_still_override_them():

@@ -14,18 +14,23 @@ handlers and managers, not a second relay; only three things are ours:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
+import functools
 import json
+import os
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_server.auth.identity import IdentityProvider
 from jupyter_server.auth.identity import User as JupyterUser
-from jupyter_server.services.kernels.handlers import KernelActionHandler, MainKernelHandler
+from jupyter_server.services.kernels.handlers import KernelActionHandler, KernelHandler, MainKernelHandler
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager, ServerKernelManager
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
 from jupyter_server.services.sessions.handlers import SessionHandler, SessionRootHandler
@@ -36,11 +41,16 @@ from traitlets import Set, Unicode, default
 
 from ..common.errors import ApiError, LaunchError, LaunchTimeout
 from ..common.imagespecs import SPEC_PREFIX, image_kernel, kernelspec_json, one_per_repository, repository_of
+from ..common.states import SessionState
 from .models import Keypair, User
 from .requests import SessionRequest, validate_env
 from .scheduler import normalize_image
 from .service_client import ServiceClient
 from .vfolders.service import resolve_mounts
+
+# Kernel Gateway API kernels are sessions named "kernel-gateway:<kernel id>": any replica finds
+# them there (see BackendAIMappingKernelManager.adopt).
+API_PREFIX = "kernel-gateway"
 
 # The user of the request being served (set once the token is checked).
 _caller: contextvars.ContextVar[User | None] = contextvars.ContextVar("backendai_caller", default=None)
@@ -93,6 +103,7 @@ class BackendAIKernelManager(ServerKernelManager):
                 parent=self.parent
             ).create_provisioner_instance(self.kernel_id, self.kernel_spec, parent=self)
             self.provisioner._client = client  # the session service, in process, as the owner
+            self.provisioner.session_prefix = API_PREFIX
             # Only this process can reach the kernel (jupyter_server's kernel manager lives here): when
             # it is gone for good, so is the kernel, also after a gateway restart.
             self.provisioner.bind_to_stream = True
@@ -112,7 +123,15 @@ class BackendAIKernelManager(ServerKernelManager):
 
 
 class BackendAIMappingKernelManager(AsyncMappingKernelManager):
-    """jupyter_server's kernel manager, with an owner for every kernel."""
+    """jupyter_server's kernel manager, with an owner for every kernel.
+
+    Its kernels are the database's: with several gateway replicas, a kernel started through one
+    is *adopted* by another the first time a client names it there (or lists kernels there):
+    the replica builds a kernel manager for the running session, as jupyter_client does for
+    external connection files, and from then on serves its websocket, interrupts, restarts and
+    deletion like its own. An end that comes from elsewhere (another replica, ``/v1``, an admin)
+    makes every replica forget the kernel, instead of restarting it as if it had died.
+    """
 
     env_allowlist = Set(
         Unicode(),
@@ -123,6 +142,8 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
         super().__init__(**kwargs)
         self.kernel_manager_class = "backendai_jupyter.gateway.jupyter_api.BackendAIKernelManager"
         self.owners: dict[str, str] = {}
+        self.adopted: set[str] = set()  # kernels another replica started
+        self._adopting: dict[str, asyncio.Task[None]] = {}
         # Set by the gateway: its async sessionmaker, session and vfolder services, resource rules.
         self.db: Any = None
         self.sessions: Any = None
@@ -164,15 +185,25 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
         if kernel_id is not None and kernel_id in self:  # a session reusing a kernel: the owner's only
             self._check_kernel_id(kernel_id)
             return await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs)
-        kwargs["owner_client"] = await self._owner_client(user)
+        client = kwargs["owner_client"] = await self._owner_client(user)
         # The owner is known before the kernel exists: starting it already looks it up.
         kid = kernel_id or str(uuid.uuid4())
+        client.on_event = functools.partial(self._session_changed, kid)
         self.owners[kid] = user.id
         try:
-            return await super().start_kernel(kernel_id=kid, path=path, **kwargs)
+            kid = await super().start_kernel(kernel_id=kid, path=path, **kwargs)
         except BaseException:
             self.owners.pop(kid, None)
             raise
+        # Answer once the kernel's session is in the database (or its start failed): the client's
+        # next request may go to another replica, which finds the kernel there.
+        ready = asyncio.ensure_future(self._kernels[kid].ready) if kid in self._kernels else None
+        await asyncio.wait(
+            [f for f in (client.created, ready) if f is not None],
+            timeout=30,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        return kid
 
     def _check_kernel_id(self, kernel_id: str) -> None:
         super()._check_kernel_id(kernel_id)
@@ -227,7 +258,135 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
 
     def remove_kernel(self, kernel_id: str) -> Any:
         self.owners.pop(kernel_id, None)
+        self.adopted.discard(kernel_id)
         return super().remove_kernel(kernel_id)
+
+    # -- kernels of other replicas ---------------------------------------------------------------
+
+    async def adopt(self, kernel_id: str) -> None:
+        """Know ``kernel_id`` here if the caller may see it and another replica started it."""
+        user = _caller.get()
+        if user is None or kernel_id in self:
+            return
+        owner = None if user.is_admin else user.id
+        for row in await self.sessions.named_open(API_PREFIX, name=kernel_id, owner=owner):
+            await self._adopt(row)
+
+    async def adopt_all(self) -> None:
+        """Know here every kernel the caller may see, wherever it was started."""
+        user = _caller.get()
+        if user is None:
+            return
+        for row in await self.sessions.named_open(API_PREFIX, owner=None if user.is_admin else user.id):
+            await self._adopt(row)
+
+    async def _adopt(self, row: Any) -> None:
+        kid = row.name.split(":", 1)[1]
+        if kid in self or kid in self._pending_kernels:
+            return
+        task = self._adopting.get(kid)
+        if task is None:
+            task = self._adopting[kid] = asyncio.ensure_future(self._take(kid, row))
+            task.add_done_callback(lambda _: self._adopting.pop(kid, None))
+        await asyncio.shield(task)
+
+    async def _take(self, kid: str, row: Any) -> None:
+        async with self.db() as db:
+            owner = await db.get(User, row.owner_id)
+        if owner is None or kid in self:
+            return
+        client = await self._owner_client(owner)
+        client.on_event = functools.partial(self._session_changed, kid)
+        km = self.kernel_manager_factory(
+            connection_file=os.path.join(self.connection_dir, f"kernel-{kid}.json"),
+            parent=self,
+            log=self.log,
+            kernel_name=self._kernelspec_of(row.image),
+            kernel_spec_manager=self.kernel_spec_manager,
+        )
+        km.kernel_id = kid
+        provisioner = KernelProvisionerFactory.instance(parent=self.parent).create_provisioner_instance(
+            kid, km.kernel_spec, parent=km
+        )
+        provisioner._client = client
+        provisioner.session_prefix = API_PREFIX
+        provisioner.bind_to_stream = True
+        provisioner.forward_env = ["KERNEL_*", *sorted(self.env_allowlist)]
+        km.provisioner = provisioner
+        provisioner.session_id = row.id
+        client.watch(row.id)
+        km.execution_state = "starting"
+        km.reason = ""
+        km.last_activity = datetime.now(UTC)
+        self._kernels[kid] = km
+        self._kernel_connections[kid] = 0
+        self.owners[kid] = row.owner_id
+        self.adopted.add(kid)
+        self.log.info("kernel %s (session %s) adopted from another replica", kid, row.id)
+        asyncio.ensure_future(self._adopted_ready(kid, km, row.id))
+
+    async def _adopted_ready(self, kid: str, km: Any, sid: str) -> None:
+        """Once the adopted kernel's session runs: its connection, and jupyter_server's tracking."""
+        client = km.provisioner.client
+        w = await client.wait_for(
+            sid, lambda w: w.state is not None and (w.state == SessionState.RUNNING or w.state.is_terminal)
+        )
+        if w.state != SessionState.RUNNING:
+            km.ready.set_exception(
+                LaunchError(f"the kernel could not start: {w.event.get('reason') or w.event['state']}")
+            )
+        else:
+            conn = dict(w.event["connection"])
+            conn["key"] = conn["key"].encode()
+            km.provisioner.connection_info = conn
+            km.load_connection_info(conn)
+            km.execution_state = "idle"
+            km.ready.set_result(None)
+        if self._kernels.get(kid) is km:
+            await self._finish_kernel_start(kid)
+
+    def _kernelspec_of(self, image: str) -> str:
+        """The kernelspec a session's image was started from (the default kernel's if several)."""
+        names = []
+        for name in self.kernel_spec_manager.find_kernel_specs():
+            with contextlib.suppress(Exception):
+                config = self.kernel_spec_manager.get_kernel_spec(name).metadata["kernel_provisioner"][
+                    "config"
+                ]
+                if normalize_image(config.get("image", "")) == image:
+                    names.append(name)
+        if self.default_kernel_name in names or not names:
+            return self.default_kernel_name
+        return sorted(names)[0]
+
+    def _session_changed(self, kid: str, sid: str, event: dict[str, Any]) -> None:
+        """An event of a kernel's session: forget the kernel when it was ended from elsewhere."""
+        km = self._kernels.get(kid)
+        provisioner = getattr(km, "provisioner", None)
+        if provisioner is None or provisioner.session_id != sid or provisioner.ended_here(sid):
+            return
+        state = SessionState(event["state"])
+        # Ended on request (TERMINATING) elsewhere; an adopted kernel also when it just died: the
+        # replica that started it restarts it (a new session the next request adopts).
+        if state == SessionState.TERMINATING or (kid in self.adopted and state.is_terminal):
+            self.log.info("kernel %s ended elsewhere (%s): forgotten here", kid, event.get("reason") or state)
+            km.stop_restarter()
+            with contextlib.suppress(Exception):
+                self.stop_watching_activity(kid)
+            self._kernel_connections.pop(kid, None)
+            self._kernel_ports.pop(kid, None)
+            provisioner.client.forget(sid)
+            self.remove_kernel(kid)
+
+    async def restart_adopted(self, kernel_id: str) -> None:
+        """Restart an adopted kernel in place (same ports and key), through the session service."""
+        km = self._kernels[kernel_id]
+        async with self.db() as db:
+            owner = await db.get(User, self.owners[kernel_id])
+        try:
+            await self.sessions.restart(owner, km.provisioner.session_id)
+        except ApiError as e:
+            raise web.HTTPError(e.status, e.title) from None
 
     def cwd_for_path(self, path: str, **kwargs: Any) -> str:
         # Paths name places in the user's storage, not on the gateway host.
@@ -362,7 +521,15 @@ class OwnedSessionManager(SessionManager):
 
 
 class KernelsHandler(MainKernelHandler):
-    """POST /api/kernels honours ``env`` (``KERNEL_*`` and the operator's allowlist), checked."""
+    """POST /api/kernels honours ``env`` (``KERNEL_*`` and the operator's allowlist), checked.
+
+    GET lists the caller's kernels whichever replica started them.
+    """
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.request.method == "GET":
+            await self.kernel_manager.adopt_all()
 
     async def post(self) -> None:
         model = self.get_json_body() or {}
@@ -426,12 +593,14 @@ def _session_body(handler: Any, *, creating: bool) -> dict[str, Any]:
     return model
 
 
-def _refuse_others_kernel(handler: Any, *, creating: bool = False) -> None:
+async def _refuse_others_kernel(handler: Any, *, creating: bool = False) -> None:
     """404 when a session body names a kernel the caller does not own (it exists, but not for them)."""
     model = _session_body(handler, creating=creating)
     kernel = model.get("kernel") if isinstance(model, dict) else None
     kernel_id = kernel.get("id") if isinstance(kernel, dict) else None
     km = handler.kernel_manager
+    if isinstance(kernel_id, str):
+        await km.adopt(kernel_id)  # started through another replica
     if isinstance(kernel_id, str) and kernel_id in km and not km.visible(kernel_id):
         raise web.HTTPError(404, f"Kernel does not exist: {kernel_id}")
 
@@ -441,7 +610,7 @@ class OwnedSessionRootHandler(SessionRootHandler):
 
     @web.authenticated
     async def post(self) -> None:
-        _refuse_others_kernel(self, creating=True)
+        await _refuse_others_kernel(self, creating=True)
         await super().post()
 
 
@@ -450,21 +619,45 @@ class OwnedSessionHandler(SessionHandler):
 
     @web.authenticated
     async def patch(self, session_id: str) -> None:
-        _refuse_others_kernel(self)
+        await _refuse_others_kernel(self)
         await super().patch(session_id)
+
+
+class OwnedKernelHandler(KernelHandler):
+    """GET and DELETE /api/kernels/{id}: also a kernel another replica started."""
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        await self.kernel_manager.adopt(self.path_kwargs["kernel_id"])
 
 
 class OwnedKernelActionHandler(KernelActionHandler):
     """Interrupt and restart: someone else's kernel is 404 (stock turns any error into 500)."""
 
+    async def prepare(self) -> None:
+        await super().prepare()
+        await self.kernel_manager.adopt(self.path_kwargs["kernel_id"])
+
     @web.authenticated
     async def post(self, kernel_id: str, action: str) -> None:
-        self.kernel_manager._check_kernel_id(kernel_id)
+        km = self.kernel_manager
+        km._check_kernel_id(kernel_id)
+        if action == "restart" and kernel_id in km.adopted:
+            await km.restart_adopted(kernel_id)
+            self.finish(json.dumps(km.kernel_model(kernel_id), default=str))
+            return
         await super().post(kernel_id, action)
 
 
 class FastKernelWebsocketHandler(KernelWebsocketHandler):
-    """The kernel websocket with Nagle off: stock tornado costs ~44 ms per message otherwise."""
+    """The kernel websocket with Nagle off: stock tornado costs ~44 ms per message otherwise.
+
+    A kernel another replica started is adopted first, so a websocket works on any replica.
+    """
+
+    async def get(self, kernel_id: str) -> None:  # type: ignore[override]
+        await self.kernel_manager.adopt(kernel_id)
+        await super().get(kernel_id)
 
     def open(self, *args: Any, **kwargs: Any) -> Any:
         self.set_nodelay(True)
@@ -522,6 +715,8 @@ def jupyter_handlers_and_settings(
     ]:
         if handler is MainKernelHandler:
             handler = KernelsHandler
+        elif handler is KernelHandler:
+            handler = OwnedKernelHandler
         elif handler is KernelActionHandler:
             handler = OwnedKernelActionHandler
         elif handler is KernelWebsocketHandler:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..common.errors import AgentUnavailable, ApiError
+from ..common.tasks import cancel_and_wait
 from ..common.wire import AgentRegistration, Order
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,7 @@ class AgentRegistry:
         self._watchdog = asyncio.ensure_future(self._watch())
 
     async def stop(self) -> None:
-        if self._watchdog:
-            self._watchdog.cancel()
+        await cancel_and_wait([self._watchdog])
 
     async def _watch(self) -> None:
         interval = max(0.2, self.heartbeat_timeout / 10)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -36,6 +36,11 @@ class ServiceClient(SessionWatcher):
         self.rules = rules
         self.owner = owner
         self.access_key = access_key
+        # Called with each event of a followed session (the kernel manager learns of ends that
+        # came from elsewhere: another replica, /v1, an admin).
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        # The id of the first session this client created, once its row is in the database.
+        self.created: asyncio.Future[str] = self._loop.create_future()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -48,7 +53,10 @@ class ServiceClient(SessionWatcher):
         if (method, path) == ("POST", "/v1/sessions"):
             req = SessionRequest.from_json(body, rules=self.rules)
             mounts, working_dir = await resolve_mounts(self.vfolders, user, list(req.mounts), req.working_dir)
-            return await sessions.create(user, self.access_key, req, mounts, working_dir)
+            model = await sessions.create(user, self.access_key, req, mounts, working_dir)
+            if not self.created.done():
+                self.created.set_result(model["id"])
+            return model
         match = _SESSION.match(path)
         if match is None:
             raise ApiError(f"no route for {method} {path}", status=404)
@@ -79,10 +87,14 @@ class ServiceClient(SessionWatcher):
                 gone = {"state": "TERMINATED", "reason": "the gateway no longer knows this session"}
                 await self._tell(w, {"session_id": sid, **gone})
                 return
-            if await self._tell(w, first):
-                return
-            while not await self._tell(w, await queue.get()):
-                pass
+            event = first
+            while True:
+                over = await self._tell(w, event)
+                if self.on_event is not None:
+                    self.on_event(sid, event)
+                if over:
+                    return
+                event = await queue.get()
         finally:
             hub.unsubscribe(queue)
             sessions.stream_closed(sid)

@@ -91,6 +91,10 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
     ).tag(config=True)
 
     session_id: str | None = None
+    # The session's name is "<prefix>:<kernel id>" (the gateway's own kernels use their own prefix).
+    session_prefix = "jupyter"
+    # Sessions this provisioner asked to end (a shutdown or a restart from here, not elsewhere).
+    _ended: frozenset[str] = frozenset()
     # After cleanup(restart=True): the session the next launch replaces (same ports and key).
     _restart_of: str | None = None
     _cancelled = False  # the launch was given up while in progress
@@ -178,9 +182,14 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
         self._cancelled = True
         await self._delete()
 
+    def ended_here(self, sid: str) -> bool:
+        """Whether this provisioner asked for the end of session ``sid``."""
+        return sid in self._ended
+
     async def _delete(self) -> None:
         if self.session_id is None:
             return
+        self._ended |= {self.session_id}
         try:
             await self._call("DELETE", f"/v1/sessions/{self.session_id}")
         except LaunchError as e:
@@ -229,7 +238,7 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
             "image": self.image,
             "resources": dict(self.resources),
             "env": kwargs.get("remote_env", {}),
-            "name": f"jupyter:{self.kernel_id}",
+            "name": f"{self.session_prefix}:{self.kernel_id}",
             **kwargs.get("vfolders", {}),
         }
         if self.bind_to_stream:

@@ -23,6 +23,7 @@ from sqlalchemy import or_, select, update
 
 from ...common.slots import ResourceSlot
 from ...common.states import SessionState
+from ...common.tasks import cancel_and_wait
 from ...common.wire import AGENT_RECONNECT_MAX, Device
 from ..models import Agent, KernelSession
 from ..scheduler import Allocation, Cluster, Request, run_pass
@@ -99,9 +100,8 @@ class Scheduler:
         self._task = asyncio.ensure_future(self._loop())
         self.wake()
 
-    def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+    async def stop(self) -> None:
+        await cancel_and_wait([self._task])
 
     async def _loop(self) -> None:
         tick = min(1.0, self.service.stream_grace / 2)

@@ -33,6 +33,7 @@ from ...common.errors import (
 )
 from ...common.slots import ResourceSlot
 from ...common.states import ALLOCATED_STATES, SessionState
+from ...common.tasks import cancel_and_wait
 from ...common.wire import CreateKernel, DestroyKernel, Mount, RestartKernel, SignalKernel
 from ..bus import EVENTS, Bus, Leadership
 from ..dispatch import Dispatcher
@@ -135,11 +136,10 @@ class SessionService:
             await self.agents.let_go()
         except Exception:
             log.exception("marking this replica's agents disconnected failed")
-        self.scheduler.stop()
+        await self.scheduler.stop()
         await self.leadership.stop()
         await self.registry.stop()
-        for task in self._tasks:
-            task.cancel()
+        await cancel_and_wait(list(self._tasks))
         await self.bus.stop()
 
     def spawn(self, coro: Any) -> None:
@@ -452,6 +452,21 @@ class SessionService:
             for m in row.mounts or []:
                 out.setdefault(m["vfolder_id"], []).append(row.id)
         return out
+
+    async def named_open(
+        self, prefix: str, *, name: str = "", owner: str | None = None
+    ) -> list[KernelSession]:
+        """Sessions not over yet named ``<prefix>:<name>`` (any name when empty), of ``owner`` or all.
+
+        The Kernel Gateway API finds its kernels here, whichever replica started them.
+        """
+        where = [KernelSession.state.in_(OPEN)]
+        where.append(
+            KernelSession.name == f"{prefix}:{name}" if name else KernelSession.name.startswith(f"{prefix}:")
+        )
+        if owner is not None:
+            where.append(KernelSession.owner_id == owner)
+        return await self.store.select(*where)
 
     async def has_open_sessions(self, user_id: str) -> bool:
         return await self.store.count_open(user_id) > 0

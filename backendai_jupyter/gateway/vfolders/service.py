@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ...common.errors import ApiError, Conflict, Forbidden, InvalidRequest, NotFound
+from ...common.tasks import cancel_and_wait
 from ...common.wire import KERNEL_HOME, Mount
 from ..models import ResourcePolicy, User, VFolder, VFolderInvitation, VFolderShare, VFolderUpload
 from .fs import Entry, QuotaExceeded, StagedFile, VFolderFS, create_root, human_bytes, split_path
@@ -110,8 +111,7 @@ class VFolderService:
             raise ValueError(f"storage volume {name!r} at {path} cannot be used: {e.strerror}") from None
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        await cancel_and_wait([self._task])
 
     # -- paths -------------------------------------------------------------------------------------
 
