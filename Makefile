@@ -51,10 +51,12 @@ test: setup lint $(COMPAT)
 	@bash scripts/ensure-browser.sh
 	$(VENV)/bin/pytest
 
-# The gateway's tests again, each on a fresh PostgreSQL database (installed and started when
-# missing, as root). The tests that need Docker run on SQLite only, in `make test`.
-test-postgres: $(STAMP)
-	url=$$(bash scripts/ensure-postgres.sh) && BAI_TEST_POSTGRES=$$url $(VENV)/bin/pytest -m "not docker"
+# The whole suite again, each test's gateways on a fresh PostgreSQL database (installed and
+# started when missing, as root); the replica tests run only here.
+test-postgres: LANGS = all
+test-postgres: setup $(COMPAT)
+	@bash scripts/ensure-browser.sh
+	url=$$(bash scripts/ensure-postgres.sh) && BAI_TEST_POSTGRES=$$url $(VENV)/bin/pytest
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache
