@@ -16,16 +16,20 @@ import time
 from pathlib import Path
 
 import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+
+from backendai_jupyter.common.clientconfig import ClientConfig
 
 from . import databases
 from .inproc import IMAGE, Caller, RoamingAgent
-from .stack import BAI, free_port, wait_for_line
+from .stack import AGENT_LABEL, BAI, Api, Cluster, aid, eventually, free_port, port_span, wait_for_line
 from .test_replicas import SMALL, events_until, until
 
 pytestmark = pytest.mark.skipif(
     not databases.server_url(), reason="replicas need PostgreSQL (make test-postgres runs these)"
 )
 
+DOCKER_IMAGE = "backendai-jupyter/python"
 AGENT_BACK_WITHIN = 5.0  # seconds from the kill until the agent is registered with the survivor
 
 
@@ -116,3 +120,72 @@ async def test_clients_and_agents_carry_on_with_the_survivor_when_the_leader_is_
             agent.close()
         for replica in replicas:
             replica.stop()
+
+
+@pytest.mark.docker
+def test_a_docker_agents_kernels_run_on_through_the_survivor_when_its_replica_is_killed(
+    tmp_path: Path, docker_engine
+):
+    """The same with a real agent process and real kernels in containers: the replica that holds
+    the agent's link (and leads) is killed; the agent is with the survivor within 5 s, its kernel
+    never stopped, and the survivor orders it (an interrupt) and places new kernels on it."""
+    agent_id = aid("test-replica-kill")
+    ports = port_span("31980-31989")
+    a = Cluster(tmp_path, agent_id, ports)  # replica A, on this test's database
+    b: ReplicaProcess | None = None
+    kc: BlockingKernelClient | None = None
+    try:
+        b = ReplicaProcess(tmp_path, "b")  # replica B: same data directory, same database
+        agent = a.add_agent(agent_id, ports, "--Agent.accelerators=[]", gateway_urls=[a.url, b.url])
+        log = tmp_path / f"agent-{agent_id}.log"
+        assert f"registered with the gateway at {a.url} as {agent_id}" in log.read_text()
+        on_b = Api(ClientConfig(b.url, a.api.config.access_key, a.api.config.secret_key))
+
+        # Requested through B, placed by the leader, ordered through A's link to the agent.
+        sid = on_b("POST", "/v1/sessions", {"image": DOCKER_IMAGE})["id"]
+        model = on_b.wait_state(sid, {"RUNNING"})
+        kc = BlockingKernelClient()
+        kc.load_connection_info(model["connection"])
+        kc.start_channels()
+        kc.wait_for_ready(timeout=30)
+        kc.execute_interactive("state = 'kept'", timeout=30)
+        (container,) = docker_engine.containers.list(filters={"label": f"{AGENT_LABEL}={agent_id}"})
+
+        a.gateway.send_signal(signal.SIGKILL)
+        lost = time.monotonic()
+        wait_for_line(agent, log, f"registered with the gateway at {b.url} as {agent_id}", timeout=30)
+        took = time.monotonic() - lost
+        assert took < AGENT_BACK_WITHIN, f"registered with B {took:.1f} s after A died:\n{log.read_text()}"
+
+        # The kernel ran through it: same container, same state, session still RUNNING.
+        outputs: list = []
+        kc.execute_interactive("print(state)", output_hook=outputs.append, timeout=30)
+        assert [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"] == ["kept\n"]
+        container.reload()
+        assert container.status == "running"
+        assert on_b("GET", f"/v1/sessions/{sid}")["state"] == "RUNNING"
+
+        # B's orders reach the agent now: an interrupt (by signal, through the agent) stops a loop.
+        msg_id = kc.execute("import time\nwhile True: time.sleep(0.05)")
+        time.sleep(1)
+        eventually(lambda: on_b.request("POST", f"/v1/sessions/{sid}/interrupt").status_code < 400)
+        reply = kc.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+
+        # B leads now, and places a new kernel on the agent.
+        sid2 = on_b("POST", "/v1/sessions", {"image": DOCKER_IMAGE})["id"]
+        assert on_b.wait_state(sid2, {"RUNNING"}, timeout=60)["agent"] == agent_id
+        for s in (sid, sid2):
+            on_b("DELETE", f"/v1/sessions/{s}")
+        eventually(
+            lambda: (
+                not docker_engine.containers.list(all=True, filters={"label": f"{AGENT_LABEL}={agent_id}"})
+            )
+        )
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        if b is not None:
+            b.stop()
+        a.close()

@@ -149,6 +149,32 @@ async def test_a_session_made_on_one_replica_runs_on_an_agent_of_the_other(tmp_p
         agent.close()
 
 
+async def test_a_replica_reads_another_replicas_changes_only_for_sessions_watched_there(tmp_path: Path):
+    """Each replica hears of every change; it reads the event (two queries) only when one of its
+    own streams watches that session, so a busy cluster's replicas do not repeat each other."""
+    async with replicas(tmp_path) as (a, b):
+        ann = await a.user("ann")
+        agent = await a.agent("host-a")
+        read_on_b: list[str] = []
+        event_at = b.gw.sessions.event_at
+
+        async def counting(sid: str, seq: int | None = None) -> Any:
+            read_on_b.append(sid)
+            return await event_at(sid, seq)
+
+        b.gw.sessions.event_at = counting  # type: ignore[method-assign]
+        unwatched = (await ann("POST", "/v1/sessions", {"image": IMAGE, "resources": SMALL}))["id"]
+        await ann.wait_state(unwatched, {"RUNNING"})
+        watched = (await ann("POST", "/v1/sessions", {"image": IMAGE, "resources": SMALL}))["id"]
+        stream = await on(b, ann).stream(watched)
+        told = await events_until(stream, {"RUNNING"})
+        await ann("DELETE", f"/v1/sessions/{watched}")
+        told += await events_until(stream, {"TERMINATED"})
+        assert [e["state"] for e in told][-2:] == ["TERMINATING", "TERMINATED"]
+        assert unwatched not in read_on_b and watched in read_on_b
+        agent.close()
+
+
 async def test_a_policy_limit_holds_across_replicas(tmp_path: Path):
     async with replicas(tmp_path) as (a, b):
         await a.admin("PUT", "/v1/admin/policies/two", {"max_sessions": 2})

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 from tornado import httpclient
 
+from backendai_jupyter.gateway.events import EventHub
 from backendai_jupyter.gateway.sessions import EVENT_VERSION
 from backendai_jupyter.gateway.sessions.shapes import event_schema
 
@@ -82,3 +83,16 @@ async def test_a_stream_resumed_from_its_last_event_misses_no_change(tmp_path: P
             await other.stream(sid, last_event_id=0)
         assert refused.value.code == 404
         agent.close()
+
+
+async def test_the_event_hub_hands_each_session_its_own_events():
+    hub = EventHub()
+    one, two, also_one = hub.subscribe("s1"), hub.subscribe("s2"), hub.subscribe("s1")
+    hub.publish({"session_id": "s1", "seq": 1})
+    hub.publish({"session_id": "s3", "seq": 2})
+    assert [q.qsize() for q in (one, two, also_one)] == [1, 0, 1]
+    assert hub.watched("s1") and not hub.watched("s3") and hub.subscribers == 3
+    hub.unsubscribe(one)
+    hub.unsubscribe(also_one)
+    hub.unsubscribe(also_one)  # twice: nothing more happens
+    assert not hub.watched("s1") and hub.subscribers == 1

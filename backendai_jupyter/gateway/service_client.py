@@ -78,7 +78,7 @@ class ServiceClient(SessionWatcher):
         when nobody follows it any more, here or on any replica).
         """
         hub, sessions = self.sessions.hub, self.sessions
-        queue = hub.subscribe(lambda ev: ev["session_id"] == sid)
+        queue = hub.subscribe(sid)
         sessions.stream_opened(sid)
         try:
             try:

@@ -89,7 +89,7 @@ class SessionEventsHandler(AuthMixin, websocket.WebSocketHandler):
         self.owner = row.owner_id
         hub = self.settings["hub"]
         # Subscribe before reading the snapshot so no change can fall between the two.
-        self._queue = hub.subscribe(lambda ev: ev["session_id"] == sid)
+        self._queue = hub.subscribe(sid)
         try:
             await super().get(sid)
         finally:

@@ -105,6 +105,7 @@ class Scheduler:
 
     async def _loop(self) -> None:
         tick = min(1.0, self.service.stream_grace / 2)
+        last_periodic = 0.0
         while True:
             # (asyncio.timeout, not wait_for: before Python 3.12 wait_for can swallow the
             # cancellation that stops this loop when it lands as the wait ends.)
@@ -114,16 +115,25 @@ class Scheduler:
             except TimeoutError:
                 pass
             self._wakeup.clear()
-            try:
-                await self.service.agents.refresh()
-            except Exception:
-                log.exception("reading the agents failed")
+            # A wake-up is a change somewhere (here or, announced, on another replica): the leader
+            # places what waits. What is only due with time (the agents' rows for kernelspecs,
+            # the sweeps of silent agents and abandoned sessions) runs at most once a tick, not
+            # on every change of a busy cluster.
+            now = time.monotonic()
+            periodic = now - last_periodic >= tick
+            if periodic:
+                last_periodic = now
+                try:
+                    await self.service.agents.refresh()
+                except Exception:
+                    log.exception("reading the agents failed")
             if not self.leader:
                 continue
             try:
                 await self.run_pass()
-                await self._sweep_agents()
-                await self._sweep_abandoned()
+                if periodic:
+                    await self._sweep_agents()
+                    await self._sweep_abandoned()
             except Exception:
                 log.exception("scheduling pass failed")
 

@@ -569,6 +569,8 @@ class SessionService:
         seq = int(kind)
         self._last_seq = max(self._last_seq, seq)
         self.scheduler.wake()
+        if not self.hub.watched(rest):
+            return  # no stream here watches that session: nothing to read
         event = await self.event_at(rest, seq)
         if event is not None:
             self.hub.publish(event)
