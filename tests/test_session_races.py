@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from backendai_jupyter.common.states import SessionState, is_forward
 from backendai_jupyter.common.wire import CreateKernel
@@ -144,4 +144,40 @@ async def test_a_kernel_ordered_while_its_agent_registers_again_is_reported_runn
         model = await ann("GET", f"/v1/sessions/{second['id']}")
         dropped = [(r.session_id, r.state.value) for r in agent.dropped]
         assert model["state"] == "RUNNING", f"{model['state']} ({model['reason']}); agent dropped {dropped}"
+        agent.close()
+
+
+async def test_a_create_never_holds_two_database_connections_at_once(tmp_path: Path):
+    """Creates of one user wait for each other (the user's policy lock, holding a connection
+    while they wait). One that needed a second connection under the lock could deadlock: a burst
+    bigger than the pool (5 + 10) leaves the lock's holder none, and every request then fails
+    after the pool's 30 s. So: no task ever holds two connections of the pool at once."""
+    async with running_gateway(tmp_path, heartbeat_timeout=120) as g:
+        held: dict[Any, int] = {}
+        twice: list[str] = []
+
+        def checkout(_dbapi: Any, record: Any, _proxy: Any) -> None:
+            task = asyncio.current_task()
+            held[task] = held.get(task, 0) + 1
+            record.info["task"] = task
+            if held[task] > 1:
+                twice.append(repr(task))
+
+        def checkin(_dbapi: Any, record: Any) -> None:
+            task = record.info.pop("task", None)
+            if task in held:
+                held[task] -= 1
+
+        pool = g.gw.engine.sync_engine.pool
+        event.listen(pool, "checkout", checkout)
+        event.listen(pool, "checkin", checkin)
+        agent = await g.agent("host-a", cpu="64", mem="256g")
+        ann = await g.user("ann")
+        answers = await asyncio.gather(
+            *(ann.fetch("POST", "/v1/sessions", {"image": IMAGE, "resources": SMALL}) for _ in range(20))
+        )
+        assert sorted({r.code for r in answers}) == [201], [r.body for r in answers if r.code != 201][:3]
+        assert twice == [], twice[:3]
+        event.remove(pool, "checkout", checkout)
+        event.remove(pool, "checkin", checkin)
         agent.close()

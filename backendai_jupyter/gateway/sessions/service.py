@@ -173,10 +173,14 @@ class SessionService:
         prefer, reuse = await self._previous(user, req.restart_of)
         sid = str(uuid.uuid4())
         reuse = {**(reuse or {}), "key": req.key} if req.key else reuse
+        # Read before taking the user's lock: under it this request holds a connection, and must
+        # never wait for a second one (a burst of one user's creates, each holding a connection
+        # while it waits for the lock, would leave the lock's holder none).
+        agents = await self.agents.connected()
         # Check and insert under the user's lock: concurrent requests cannot all pass a limit.
         async with self.policies.checked(self.db, user, req.image, req.resources) as db:
             # (the policy was checked first: its refusal names the limit)
-            connected = await self._check_placeable(req.image, req.resources)
+            connected = self._placeable(agents, req.image, req.resources)
             now = datetime.now(UTC)
             reason = "" if connected else "waiting: no agent is connected"
             row = KernelSession(
@@ -211,7 +215,9 @@ class SessionService:
 
     async def _check_placeable(self, image: str, resources: ResourceSlot) -> bool:
         """Image and capacity checks against the connected agents; whether any is connected."""
-        agents = await self.agents.connected()
+        return self._placeable(await self.agents.connected(), image, resources)
+
+    def _placeable(self, agents: list[Any], image: str, resources: ResourceSlot) -> bool:
         if not agents:
             return False
         tags = {normalize_image(t) for a in agents for i in self.agents.images_of(a) for t in i.tags}
