@@ -151,3 +151,35 @@ async def test_a_kernel_shut_down_through_its_own_replica_is_forgotten_by_the_on
             assert await on(b, ann)("GET", "/api/kernels", auth="token") == []
         finally:
             await agent.stop()
+
+
+async def test_sessions_of_the_kernel_gateway_api_are_the_same_on_every_replica(tmp_path: Path):
+    """``/api/sessions`` (a notebook path and its kernel) lives in the database: a session made
+    on A is listed, renamed and deleted on B; another user sees it on neither."""
+    async with replicas(tmp_path) as (a, b):
+        agent = LocalKernelAgent(a.url, "host-a", join_token=a.join_token)
+        await agent.connect()
+        ann = await a.user("ann")
+        bob = await a.user("bob")
+        ann_b, bob_b = on(b, ann), on(b, bob)
+        try:
+            body = {"path": "work/a.ipynb", "type": "notebook", "name": "", "kernel": {"name": SPEC}}
+            made = await ann("POST", "/api/sessions", body, auth="token")
+            sid, kid = made["id"], made["kernel"]["id"]
+            listed = await ann_b("GET", "/api/sessions", auth="token")
+            assert [(s["id"], s["path"], s["kernel"]["id"]) for s in listed] == [(sid, "work/a.ipynb", kid)]
+            assert (await run_code(b, ann_b, kid, "print('on b')")).strip() == "on b"
+            # Renamed through B, read through A.
+            await ann_b("PATCH", f"/api/sessions/{sid}", {"path": "work/b.ipynb"}, auth="token")
+            assert (await ann("GET", f"/api/sessions/{sid}", auth="token"))["path"] == "work/b.ipynb"
+            # Someone else: nothing, anywhere.
+            assert await bob_b("GET", "/api/sessions", auth="token") == []
+            assert (await bob_b.fetch("GET", f"/api/sessions/{sid}", auth="token")).code == 404
+            assert (await bob.fetch("DELETE", f"/api/sessions/{sid}", auth="token")).code == 404
+            # Deleted through B: the session and its kernel are gone from both.
+            assert (await ann_b.fetch("DELETE", f"/api/sessions/{sid}", auth="token")).code == 204
+            assert await ann("GET", "/api/sessions", auth="token") == []
+            await until(lambda: not known_to(a, kid))
+            assert agent.kernels_by_session == {}
+        finally:
+            await agent.stop()

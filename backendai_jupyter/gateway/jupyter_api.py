@@ -2,14 +2,16 @@
 
 ``jupyter lab --gateway-url``, VS Code's "existing Jupyter server" and any Kernel Gateway client
 talk to these handlers. They are jupyter_server's kernel, kernelspec, session and websocket
-handlers and managers, not a second relay; only three things are ours:
+handlers and managers, not a second relay; only four things are ours:
 
 - who the caller is: their own token (``Authorization: token ...`` or ``?token=``), never a
   ``KERNEL_USERNAME`` from the request body;
 - what they may see: each kernel has an owner, and a user lists, connects to, interrupts,
   restarts and deletes only their own (an admin sees all); others' kernels are 404;
 - where kernels run: through our provisioner, i.e. the same sessions, scheduler and agents as
-  every other path, its requests answered by the session service in process, as the owner.
+  every other path, its requests answered by the session service in process, as the owner;
+- where they are known: in the database, so that with several gateway replicas any of them
+  serves any kernel (adopted from its session row) and any ``/api/sessions`` entry.
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelMana
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
 from jupyter_server.services.sessions.handlers import SessionHandler, SessionRootHandler
 from jupyter_server.services.sessions.sessionmanager import SessionManager
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from tornado import web
 from traitlets import Set, Unicode, default
 
 from ..common.errors import ApiError, LaunchError, LaunchTimeout
 from ..common.imagespecs import SPEC_PREFIX, image_kernel, kernelspec_json, one_per_repository, repository_of
 from ..common.states import SessionState
-from .models import Keypair, User
+from .models import JupyterSession, Keypair, User
 from .requests import SessionRequest, validate_env
 from .scheduler import normalize_image
 from .service_client import ServiceClient
@@ -475,27 +477,84 @@ SESSION_COLUMNS = frozenset({"session_id", "path", "name", "type", "kernel_id"})
 
 
 class OwnedSessionManager(SessionManager):
-    """A session belongs to whoever owns its kernel: others neither list, read, change nor make one."""
+    """jupyter_server's sessions (``/api/sessions``), kept in the gateway's database.
+
+    Every replica sees the same ones (stock keeps them in a per-process SQLite table). A session
+    belongs to whoever made it: others neither list, read, change nor delete it (an admin sees
+    all). Its kernel may have been started through another replica: it is adopted first.
+    """
 
     def get_kernel_env(self, path: str | None, name: Any = None) -> dict[str, str]:
         # Stock: the server's whole environment. Here the server is the gateway: nothing of it.
         return {}
 
-    def _mine(self, row: Any) -> bool:
-        km = self.kernel_manager
-        return row["kernel_id"] not in km or km.visible(row["kernel_id"])
+    @property
+    def db(self) -> Any:
+        return self.kernel_manager.db
 
-    def _rows(self, **where: Any) -> list[Any]:
+    async def _rows(self, **where: Any) -> list[dict[str, Any]]:
         if any(column not in SESSION_COLUMNS for column in where):
             raise TypeError(f"no such column among {sorted(where)}")
-        query = "SELECT * FROM session" + (
-            " WHERE " + " AND ".join(f"{column}=?" for column in where) if where else ""
+        user = caller()
+        query = select(JupyterSession).where(
+            *(getattr(JupyterSession, column) == value for column, value in where.items())
         )
-        return [row for row in self.cursor.execute(query, list(where.values())).fetchall() if self._mine(row)]
+        if not user.is_admin:
+            query = query.where(JupyterSession.owner_id == user.id)
+        async with self.db() as db:
+            rows = (await db.scalars(query.order_by(JupyterSession.created_at))).all()
+        return [{column: getattr(row, column) for column in SESSION_COLUMNS} for row in rows]
+
+    async def _delete_row(self, session_id: str) -> None:
+        async with self.db() as db, db.begin():
+            await db.execute(delete(JupyterSession).where(JupyterSession.session_id == session_id))
+
+    async def save_session(
+        self,
+        session_id: str,
+        path: str | None = None,
+        name: str | None = None,
+        type: str | None = None,
+        kernel_id: str | None = None,
+    ) -> dict[str, Any]:
+        async with self.db() as db, db.begin():
+            db.add(
+                JupyterSession(
+                    session_id=session_id,
+                    owner_id=caller().id,
+                    path=path,
+                    name=name,
+                    type=type,
+                    kernel_id=kernel_id,
+                    created_at=datetime.now(UTC),
+                )
+            )
+        return await self.get_session(session_id=session_id)
+
+    async def row_to_model(self, row: Any, tolerate_culled: bool = False) -> Any:
+        if row["kernel_id"]:
+            await self.kernel_manager.adopt(row["kernel_id"])  # started through another replica
+        if await self.kernel_culled(row["kernel_id"]):
+            # Its kernel is gone (shut down, culled, or it died): the session goes with it.
+            await self._delete_row(row["session_id"])
+            if tolerate_culled:
+                return None
+            raise KeyError(f"the kernel of session {row['session_id']} is gone; the session was removed")
+        kernel_model = self.kernel_manager.kernel_model(row["kernel_id"])
+        model = {
+            "id": row["session_id"],
+            "path": row["path"],
+            "name": row["name"],
+            "type": row["type"],
+            "kernel": kernel_model,
+        }
+        if row["type"] == "notebook":
+            model["notebook"] = {"path": row["path"], "name": row["name"]}  # the deprecated API
+        return model
 
     async def session_exists(self, path: str) -> bool:
         # Paths are per user: another user's "Untitled.ipynb" is not this one's.
-        for row in self._rows(path=path):
+        for row in await self._rows(path=path):
             if await self.row_to_model(row, tolerate_culled=True) is not None:
                 return True
         return False
@@ -503,7 +562,7 @@ class OwnedSessionManager(SessionManager):
     async def get_session(self, **kwargs: Any) -> dict[str, Any]:
         if not kwargs:
             raise TypeError("must specify a column to query")
-        for row in self._rows(**kwargs):
+        for row in await self._rows(**kwargs):
             try:
                 return await self.row_to_model(row)
             except KeyError:  # its kernel is gone; row_to_model removed the row
@@ -512,12 +571,33 @@ class OwnedSessionManager(SessionManager):
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         out = []
-        for row in self._rows():
+        for row in await self._rows():
             try:
                 out.append(await self.row_to_model(row))
             except KeyError:
                 pass
         return out
+
+    async def update_session(self, session_id: str, **kwargs: Any) -> None:
+        await self.get_session(session_id=session_id)  # 404 unless the caller's
+        if not kwargs:
+            return
+        if any(column not in SESSION_COLUMNS - {"session_id"} for column in kwargs):
+            raise TypeError(f"no such column among {sorted(kwargs)}")
+        async with self.db() as db, db.begin():
+            await db.execute(
+                update(JupyterSession).where(JupyterSession.session_id == session_id).values(**kwargs)
+            )
+        (row,) = await self._rows(session_id=session_id)
+        if row["kernel_id"]:
+            self.kernel_manager.update_env(
+                kernel_id=row["kernel_id"], env=self.get_kernel_env(row["path"], row["name"])
+            )
+
+    async def delete_session(self, session_id: str) -> None:
+        session = await self.get_session(session_id=session_id)  # 404 unless the caller's
+        await self.kernel_manager.shutdown_kernel(session["kernel"]["id"])
+        await self._delete_row(session_id)
 
 
 class KernelsHandler(MainKernelHandler):

@@ -148,6 +148,21 @@ class AgentOrder(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class JupyterSession(Base):
+    """A Kernel Gateway API session (``/api/sessions``: a notebook path and its kernel), of its
+    creator, kept here so that every replica lists, reads, renames and deletes the same ones."""
+
+    __tablename__ = "jupyter_sessions"
+
+    session_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    type: Mapped[str | None] = mapped_column(Text, nullable=True)
+    kernel_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class RequestNonce(Base):
     """A signed request's nonce some replica accepted, until the request's date goes stale."""
 
