@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -169,8 +170,16 @@ def browser():
         driver.quit()
 
 
-@pytest_asyncio.fixture(autouse=True, loop_scope="function")
-async def _stray_tasks_end() -> AsyncIterator[None]:
+@pytest.fixture(autouse=True)
+def _stray_tasks_end(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For coroutine tests: :func:`_tasks_left_end` (sync tests run no loop of pytest-asyncio's)."""
+    if inspect.iscoroutinefunction(getattr(request.node, "function", None)):
+        request.getfixturevalue("_tasks_left_end")
+    yield
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def _tasks_left_end() -> AsyncIterator[None]:
     """After each test, tasks it left behind must end when cancelled.
 
     pytest-asyncio cancels what is left when it closes the test's event loop and waits for all of

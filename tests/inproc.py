@@ -382,6 +382,9 @@ async def running_gateway(tmp: Path, **traits: Any) -> AsyncIterator[InprocGatew
     Replicas are gateways given the same ``tmp`` (their shared data directory) and database.
     """
     traits.setdefault("port", free_port())
+    # Fake agents send no heartbeats by themselves: on a slow machine a test could outlast the
+    # default 20 s and lose its agent midway. Tests of agent loss set their own timeout.
+    traits.setdefault("heartbeat_timeout", 120)
     gw = Gateway(data_dir=str(tmp / "gw"), **traits)
     await gw.start()
     try:

@@ -26,6 +26,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from ..common.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 EVENTS = "bai_events"  # "<transition id> <replica>", "p <replica> <json>" (place in line), "w" (wake)
@@ -89,10 +91,7 @@ class Bus:
             await asyncio.wait_for(self._ready.wait(), 30)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close(timeout=2)
@@ -167,10 +166,7 @@ class Leadership:
             self.on_change(True)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         await self._drop()
 
     def fence(self) -> tuple[str, dict[str, Any]] | None:

@@ -14,7 +14,6 @@ one replica is refused by every other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import time
@@ -26,6 +25,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..common.errors import ApiError, Unauthorized
 from ..common.signing import MAX_CLOCK_SKEW, NONCE_HEADER
+from ..common.tasks import cancel_and_wait
 from .models import RequestNonce
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,7 @@ class NonceTable(ReplayCache):
         self._task = asyncio.ensure_future(self._purge_loop())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
     async def accept(self, access_key: str, nonce: str, when: datetime) -> None:
         if self._rows >= self.max_entries:
