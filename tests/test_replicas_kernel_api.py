@@ -132,6 +132,11 @@ async def test_a_kernel_started_through_one_replica_is_served_by_every_other(tmp
             assert agent.kernels_by_session == {}
         finally:
             await agent.stop()
+    # Both held sockets to the kernel: a stopped replica closes them and their context itself
+    # (left to jupyter_client's __del__, terminating it on whatever thread collects it could
+    # block that thread for good).
+    for g in (a, b):
+        assert g.gw.app.settings["kernel_manager"].context.closed
 
 
 async def test_a_kernel_shut_down_through_its_own_replica_is_forgotten_by_the_one_that_adopted_it(

@@ -537,6 +537,7 @@ class Gateway(LoggingConfigurable):
 
     async def stop(self) -> None:
         self.server.stop()
+        self.app.settings["kernel_manager"].release()
         await self.nonces.stop()
         await self.vfolders.stop()
         await self.sessions.stop()

@@ -44,6 +44,7 @@ from traitlets import Set, Unicode, default
 from ..common.errors import ApiError, LaunchError, LaunchTimeout
 from ..common.imagespecs import SPEC_PREFIX, image_kernel, kernelspec_json, one_per_repository, repository_of
 from ..common.states import SessionState
+from ..provisioner.provisioner import running_or_over
 from .models import JupyterSession, Keypair, User
 from .requests import SessionRequest, validate_env
 from .scheduler import normalize_image
@@ -98,20 +99,8 @@ class BackendAIKernelManager(ServerKernelManager):
     async def _async_pre_start_kernel(self, **kw: Any) -> Any:
         client = kw.pop("owner_client", None)
         if self.provisioner is None and client is not None:
-            from jupyter_client.provisioning import KernelProvisionerFactory
-
             self.kernel_id = self.kernel_id or kw.pop("kernel_id", None) or str(uuid.uuid4())
-            self.provisioner = KernelProvisionerFactory.instance(
-                parent=self.parent
-            ).create_provisioner_instance(self.kernel_id, self.kernel_spec, parent=self)
-            self.provisioner._client = client  # the session service, in process, as the owner
-            self.provisioner.session_prefix = API_PREFIX
-            # Only this process can reach the kernel (jupyter_server's kernel manager lives here): when
-            # it is gone for good, so is the kernel, also after a gateway restart.
-            self.provisioner.bind_to_stream = True
-            # The env reaching here was filtered by the mapping manager; name the same patterns
-            # again so nothing else can pass even where a caller gave no env at all.
-            self.provisioner.forward_env = ["KERNEL_*", *sorted(self.parent.env_allowlist)]
+            self.provision_as(client)
             # One launch timeout: the client's. jupyter_server's GatewayClient always sends it and
             # waits that long plus a pad, so the client gets our clear error, not its own timeout.
             timeout = (kw.get("env") or {}).get("KERNEL_LAUNCH_TIMEOUT", "")
@@ -122,6 +111,20 @@ class BackendAIKernelManager(ServerKernelManager):
             if 0 < seconds < float("inf"):
                 self.provisioner.launch_timeout = seconds
         return await super()._async_pre_start_kernel(**kw)
+
+    def provision_as(self, client: ServiceClient) -> None:
+        """Give this kernel our provisioner, its requests answered in process as ``client``'s owner."""
+        self.provisioner = KernelProvisionerFactory.instance(parent=self.parent).create_provisioner_instance(
+            self.kernel_id, self.kernel_spec, parent=self
+        )
+        self.provisioner._client = client
+        self.provisioner.session_prefix = API_PREFIX
+        # Only the gateway's processes can reach the kernel (jupyter_server's kernel manager lives
+        # here): when they are gone for good, so is the kernel, also after a gateway restart.
+        self.provisioner.bind_to_stream = True
+        # The env reaching here was filtered by the mapping manager; name the same patterns
+        # again so nothing else can pass even where a caller gave no env at all.
+        self.provisioner.forward_env = ["KERNEL_*", *sorted(self.parent.env_allowlist)]
 
 
 class BackendAIMappingKernelManager(AsyncMappingKernelManager):
@@ -263,6 +266,20 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
         self.adopted.discard(kernel_id)
         return super().remove_kernel(kernel_id)
 
+    def release(self) -> None:
+        """Close this process's sockets to its kernels and their ZMQ context (the kernels run on).
+
+        Called when the gateway stops, on its own thread. Left to garbage collection, jupyter_client
+        destroys the context in ``__del__``, on whatever thread collects it, where terminating a
+        context whose sockets another thread uses blocks that thread for good.
+        """
+        for kid, km in list(self._kernels.items()):
+            km.stop_restarter()
+            with contextlib.suppress(Exception):
+                self.stop_watching_activity(kid)
+        if self._created_context and not self.context.closed:
+            self.context.destroy(linger=0)
+
     # -- kernels of other replicas ---------------------------------------------------------------
 
     async def adopt(self, kernel_id: str) -> None:
@@ -307,15 +324,8 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
             kernel_spec_manager=self.kernel_spec_manager,
         )
         km.kernel_id = kid
-        provisioner = KernelProvisionerFactory.instance(parent=self.parent).create_provisioner_instance(
-            kid, km.kernel_spec, parent=km
-        )
-        provisioner._client = client
-        provisioner.session_prefix = API_PREFIX
-        provisioner.bind_to_stream = True
-        provisioner.forward_env = ["KERNEL_*", *sorted(self.env_allowlist)]
-        km.provisioner = provisioner
-        provisioner.session_id = row.id
+        km.provision_as(client)
+        km.provisioner.session_id = row.id
         client.watch(row.id)
         km.execution_state = "starting"
         km.reason = ""
@@ -329,19 +339,13 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
 
     async def _adopted_ready(self, kid: str, km: Any, sid: str) -> None:
         """Once the adopted kernel's session runs: its connection, and jupyter_server's tracking."""
-        client = km.provisioner.client
-        w = await client.wait_for(
-            sid, lambda w: w.state is not None and (w.state == SessionState.RUNNING or w.state.is_terminal)
-        )
+        w = await km.provisioner.client.wait_for(sid, running_or_over)
         if w.state != SessionState.RUNNING:
             km.ready.set_exception(
                 LaunchError(f"the kernel could not start: {w.event.get('reason') or w.event['state']}")
             )
         else:
-            conn = dict(w.event["connection"])
-            conn["key"] = conn["key"].encode()
-            km.provisioner.connection_info = conn
-            km.load_connection_info(conn)
+            km.load_connection_info(km.provisioner.running(w.event))
             km.execution_state = "idle"
             km.ready.set_result(None)
         if self._kernels.get(kid) is km:
@@ -382,11 +386,9 @@ class BackendAIMappingKernelManager(AsyncMappingKernelManager):
 
     async def restart_adopted(self, kernel_id: str) -> None:
         """Restart an adopted kernel in place (same ports and key), through the session service."""
-        km = self._kernels[kernel_id]
-        async with self.db() as db:
-            owner = await db.get(User, self.owners[kernel_id])
+        provisioner = self._kernels[kernel_id].provisioner
         try:
-            await self.sessions.restart(owner, km.provisioner.session_id)
+            await self.sessions.restart(provisioner.client.owner, provisioner.session_id)
         except ApiError as e:
             raise web.HTTPError(e.status, e.title) from None
 

@@ -254,9 +254,7 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
             self.session_id = None
             raise LaunchError("the kernel was shut down while it was starting")
         try:
-            w = await self.client.run(
-                self.client.wait_for(sid, _running_or_over, timeout=self.launch_timeout)
-            )
+            w = await self.client.run(self.client.wait_for(sid, running_or_over, timeout=self.launch_timeout))
         except TimeoutError:
             await self._delete()
             self.session_id = None
@@ -267,10 +265,14 @@ class BackendAIProvisioner(GatewaySettings, KernelProvisionerBase):  # type: ign
         if w.state != SessionState.RUNNING:
             self.session_id = None
             raise LaunchError(f"the kernel could not start: {w.event.get('reason') or w.event['state']}")
-        conn = dict(w.event["connection"])
+        self.log.info("kernel session %s running on agent %s", sid, w.event.get("agent"))
+        return self.running(w.event)
+
+    def running(self, event: dict[str, Any]) -> KernelConnectionInfo:
+        """Take the connection of the session's RUNNING event as this kernel's."""
+        conn = dict(event["connection"])
         conn["key"] = conn["key"].encode()  # jupyter_client holds (and compares) keys as bytes
         self.connection_info = cast(KernelConnectionInfo, conn)
-        self.log.info("kernel session %s running on agent %s", sid, w.event.get("agent"))
         return self.connection_info
 
     def _describe(self, sid: str) -> str:
@@ -311,5 +313,5 @@ def _over(w: SessionWatch) -> bool:
     return w.state is not None and w.state.is_terminal
 
 
-def _running_or_over(w: SessionWatch) -> bool:
+def running_or_over(w: SessionWatch) -> bool:
     return w.state is not None and (w.state == SessionState.RUNNING or w.state.is_terminal)
